@@ -1,0 +1,68 @@
+"""The `ditq` command line: one verb per job. Only this package reads argv or prints.
+
+Each verb lives in its own module here and exposes `add_parser(subparsers)`, which registers the verb's
+arguments and sets `func` (called with the parsed namespace, returns an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from ditq import __version__
+from ditq.errors import DitqError
+
+# Verb modules in the order `ditq --help` lists them.
+VERB_MODULES = (
+    "generate",
+    "inspect",
+    "calibrate",
+    "sensitivity",
+    "quantize",
+    "convert",
+    "captions",
+    "run",
+    "eval",
+    "report",
+    "bench",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ditq", description="Quantize and benchmark Ideogram 4 diffusion transformers."
+    )
+    parser.add_argument("--version", action="version", version=f"ditq {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name in VERB_MODULES:
+        try:
+            module = importlib.import_module(f"ditq.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"ditq.cli.{name}":
+                continue
+            raise
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose + 1, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except DitqError as exc:
+        print(f"ditq {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ditq {args.verb}: interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
+        return 130
