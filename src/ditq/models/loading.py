@@ -1,0 +1,229 @@
+"""`load_pipeline(source)`: the Ideogram 4 pipeline from a hub id, a local folder, `tiny` or `full`.
+
+- hub id (`ideogram-ai/ideogram-4-fp8`): resolved in the local Hugging Face cache first; downloaded only when the
+  network allows it; otherwise a clear error.
+- folder: a diffusers pipeline folder in any layout ditq reads (official FP8, ditq INT8 / GGUF / NF4, plain bf16).
+- `tiny`: the built-in tiny random-weight pipeline, written once in the official FP8 layout to a cache folder and
+  loaded through the same path as the real checkpoint.
+- `full`: the full-size configuration on the `meta` device (shapes and bytes only; it cannot generate).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ditq.errors import CheckpointError, ModelSourceError
+from ditq.io.safetensors_io import TensorSource
+from ditq.models.weights import load_into
+
+log = logging.getLogger(__name__)
+
+TRANSFORMERS = ("transformer", "unconditional_transformer")
+REQUIRED = ("scheduler", "vae", "text_encoder", "tokenizer", "transformer", "unconditional_transformer")
+OFFICIAL_FP8 = "ideogram-ai/ideogram-4-fp8"
+
+
+@dataclass
+class PipelineInfo:
+    """What was loaded: where from and in which format each component's weights are."""
+
+    source: str
+    folder: Path | None
+    formats: dict[str, dict[str, int]] = field(default_factory=dict)
+    recipe: dict | None = None
+    max_sequence_length: int = 2048
+
+    @property
+    def variant(self) -> str:
+        if self.recipe and self.recipe.get("name"):
+            return str(self.recipe["name"])
+        fmts = {f for c in TRANSFORMERS for f in self.formats.get(c, {}) if f != "float"}
+        return "+".join(sorted(fmts)) or "bf16"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DITQ_CACHE", Path.home() / ".cache" / "ditq"))
+
+
+def resolve_source(source: str) -> Path:
+    """A local folder for `source` (folder path, hub id in the cache, or `tiny`)."""
+    if source == "tiny":
+        return ensure_tiny_folder()
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelSourceError(f"{path}: expected a pipeline folder (with model_index.json), got a file")
+        return path
+    if source.count("/") != 1 or source.startswith((".", "/")):
+        raise ModelSourceError(f"model {source!r}: no such folder, and not a hub id of the form owner/name")
+    return _from_hub(source)
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as cached_exc:  # noqa: BLE001 - hub errors vary; all mean "not in the cache"
+        log.debug("not in cache: %s", cached_exc)
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise ModelSourceError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            f"download it first (`hf download {repo_id}`) or pass a local folder"
+        )
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as exc:  # noqa: BLE001
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ModelSourceError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and could not be downloaded ({reason}); "
+            f"download it where the network allows (`hf download {repo_id}`) or pass a local folder"
+        ) from None
+
+
+def ensure_tiny_folder(seed: int = 0) -> Path:
+    """The tiny pipeline in the official FP8 layout, written once under the ditq cache."""
+    from ditq.models.official import save_official_fp8
+    from ditq.models.tiny import build_tiny_pipeline
+
+    folder = cache_dir() / f"tiny-fp8-seed{seed}"
+    if (folder / "model_index.json").exists():
+        return folder
+    log.info("building the tiny pipeline in %s", folder)
+    save_official_fp8(build_tiny_pipeline(seed=seed), folder)
+    return folder
+
+
+def check_folder(folder: Path) -> dict:
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise ModelSourceError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{index_path}: invalid JSON ({exc})") from None
+    if index.get("_class_name") != "Ideogram4Pipeline":
+        raise ModelSourceError(
+            f"{index_path}: _class_name is {index.get('_class_name')!r}, expected 'Ideogram4Pipeline'"
+        )
+    for comp in REQUIRED:
+        if comp not in index or not (folder / comp).is_dir():
+            raise ModelSourceError(f"{folder}: component {comp!r} is missing (expected a {comp}/ folder)")
+    return index
+
+
+def read_recipe(folder: Path) -> dict | None:
+    path = folder / "ditq.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
+
+
+def load_transformer(
+    folder: Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    linear_options: dict | None = None,
+):
+    """One `Ideogram4Transformer2DModel` from a component folder in any layout ditq reads."""
+    from accelerate import init_empty_weights
+    from diffusers import Ideogram4Transformer2DModel
+
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelSourceError(f"{folder}: no config.json")
+    config = Ideogram4Transformer2DModel.load_config(folder)
+    with init_empty_weights():
+        model = Ideogram4Transformer2DModel.from_config(config)
+    source = open_weights(folder)
+    counts = load_into(model, source, dtype, device, linear_options=linear_options)
+    model.ditq_formats = counts
+    return model.eval(), counts
+
+
+def open_weights(folder: Path):
+    """A tensor source for a component folder: safetensors (single or sharded) or one GGUF file."""
+    ggufs = sorted(folder.glob("*.gguf"))
+    if ggufs:
+        from ditq.quant.formats.gguf import GGUFSource
+
+        return GGUFSource(ggufs[0])
+    return TensorSource(folder)
+
+
+def load_text_encoder(folder: Path, dtype: torch.dtype, device):
+    """The Qwen3-VL text encoder; FP8 weight-only checkpoints load through ditq's module-by-module path."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, Qwen3VLModel
+
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelSourceError(f"{folder}: no config.json")
+    raw = json.loads(config_path.read_text())
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights():
+        model = Qwen3VLModel._from_config(config)
+    source = TensorSource(folder)
+    prefix = "model." if any(k.startswith("model.language_model.") for k in source.keys()) else ""
+    counts = load_into(model, source, dtype, device, module_prefix=prefix)
+    if raw.get("ideogram_fp8_weight_only") and "fp8" not in counts:
+        log.warning("%s: config says FP8 weight-only but no FP8 weights were found", folder)
+    return model.eval(), counts
+
+
+def load_pipeline(
+    source: str | os.PathLike = "tiny",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    fp8_compute: str = "dequant",
+):
+    """Load an `Ideogram4Pipeline`; returns it with `pipe.ditq_info` (a `PipelineInfo`) attached."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Ideogram4Pipeline
+    from transformers import AutoTokenizer
+
+    source = str(source)
+    if source == "full":
+        raise ModelSourceError(
+            "'full' is the meta-device model for sizes only (ditq inspect full); it cannot run"
+        )
+    folder = resolve_source(source)
+    check_folder(folder)
+    recipe = read_recipe(folder)
+    options = {"fp8": {"compute": fp8_compute}}
+    info = PipelineInfo(source=source, folder=folder, recipe=recipe)
+    comps = {}
+    for name in TRANSFORMERS:
+        comps[name], info.formats[name] = load_transformer(folder / name, dtype, device, options)
+    comps["text_encoder"], info.formats["text_encoder"] = load_text_encoder(
+        folder / "text_encoder", dtype, device
+    )
+    try:
+        comps["vae"] = AutoencoderKLFlux2.from_pretrained(folder / "vae", torch_dtype=dtype).to(device).eval()
+        comps["tokenizer"] = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        comps["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{folder}: cannot load vae/tokenizer/scheduler: {str(exc).splitlines()[0]}"
+        ) from None
+    head = None
+    if (folder / "prompt_enhancer_head").is_dir():
+        from diffusers.pipelines.ideogram4.prompt_enhancer import Ideogram4PromptEnhancerHead
+
+        head = Ideogram4PromptEnhancerHead.from_pretrained(folder / "prompt_enhancer_head", torch_dtype=dtype)
+        head = head.to(device).eval()
+    pipe = Ideogram4Pipeline(prompt_enhancer_head=head, **comps)
+    pipe.set_progress_bar_config(disable=True)
+    tiny_cfg = folder / "ditq_tiny.json"
+    if tiny_cfg.is_file():
+        info.max_sequence_length = int(json.loads(tiny_cfg.read_text()).get("max_sequence_length", 2048))
+    pipe.ditq_info = info
+    return pipe

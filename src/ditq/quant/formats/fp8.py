@@ -1,0 +1,117 @@
+"""FP8 E4M3 weights with one fp32 scale per output row: the official Ideogram 4 reference layout.
+
+On disk: `m.weight` float8_e4m3fn [N, K], `m.weight_scale` float32 [N] (some repacks: [N, 1] or `scale_weight`),
+dequantized as `weight.float() * weight_scale[:, None]`. In memory the weight stays at 1 byte per parameter; each
+forward dequantizes it to the compute dtype (what a GPU without FP8 tensor cores must do). With
+`compute="scaled_mm"`, activations are quantized per token to E4M3 and `torch._scaled_mm` multiplies in FP8 with
+row-wise scales, as FP8-capable GPUs do.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ditq.errors import CheckpointError
+from ditq.quant.formats.base import LinearFormat, register_format
+
+log = logging.getLogger(__name__)
+FP8_MAX = 448.0
+SCALE_ALIASES = ("weight_scale", "scale_weight")
+
+
+def quantize_fp8_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float weight [N, K] -> (E4M3 [N, K], fp32 scale [N]) with scale = row absmax / 448."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+    q = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize_fp8_rowwise(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return weight.float() * scale.float().reshape(-1)[:, None]
+
+
+class Fp8Linear(nn.Module):
+    """Linear layer with a resident E4M3 weight [N, K] and fp32 per-row scales [N]."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        compute: str = "dequant",
+    ) -> None:
+        super().__init__()
+        if weight.dtype != torch.float8_e4m3fn or weight.ndim != 2:
+            raise CheckpointError(
+                f"FP8 weight must be float8_e4m3fn [N, K], got {weight.dtype} {list(weight.shape)}"
+            )
+        scale = weight_scale.float().reshape(-1)
+        if scale.numel() != weight.shape[0]:
+            raise CheckpointError(
+                f"weight_scale has {scale.numel()} values, expected one per output row ({weight.shape[0]})"
+            )
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.to(compute_dtype))
+        self.compute_dtype = compute_dtype
+        self.compute = compute
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.compute_dtype
+        return (self.weight.to(dtype) * self.weight_scale.to(dtype)[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compute == "scaled_mm":
+            return self._forward_scaled_mm(x)
+        w = self.dequantized_weight(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+        xq = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        out = torch._scaled_mm(
+            xq,
+            self.weight.t(),
+            scale_a=x_scale,
+            scale_b=self.weight_scale[None, :].contiguous(),
+            out_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16,
+        ).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3 rowwise, {self.compute}"
+
+
+@register_format
+class Fp8RowwiseFormat(LinearFormat):
+    name = "fp8"
+    extra_suffixes = SCALE_ALIASES
+    bits_per_weight = 8.0
+
+    def matches(self, tensors: dict[str, torch.Tensor]) -> bool:
+        w = tensors.get("weight")
+        return w is not None and w.dtype == torch.float8_e4m3fn and any(s in tensors for s in SCALE_ALIASES)
+
+    @staticmethod
+    def _scale(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        for s in SCALE_ALIASES:
+            if s in tensors:
+                return tensors[s]
+        raise CheckpointError("FP8 weight without weight_scale")
+
+    def build(self, tensors: dict[str, torch.Tensor], compute_dtype: torch.dtype, compute: str = "dequant"):
+        return Fp8Linear(tensors["weight"], self._scale(tensors), tensors.get("bias"), compute_dtype, compute)
+
+    def dequantize(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return dequantize_fp8_rowwise(tensors["weight"], self._scale(tensors))
