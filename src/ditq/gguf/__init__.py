@@ -1,0 +1,40 @@
+"""GGUF for ditq: llama.cpp-exact block codecs (Q8_0, Q2_K..Q6_K, F32/F16/BF16) and GGUF file read/write.
+
+quantize(array, qtype, imatrix=None) -> uint8 (rows, row_bytes)
+dequantize(data, qtype) -> float32 (rows, row_len)
+GGUFStreamWriter(path, [TensorSpec(name, shape, qtype), ...], metadata)   streaming, atomic write
+GGUFFile(path)                                                           checked, memory-mapped read
+"""
+
+from __future__ import annotations
+
+from ditq.gguf import floats, q8_0  # noqa: F401  (registers the codecs)
+from ditq.gguf.codec import (
+    BLOCK_LAYOUT,
+    BlockCodec,
+    codec,
+    codec_names,
+    dequantize,
+    quantize,
+    resolve_qtype,
+    row_bytes,
+    tensor_bytes,
+)
+from ditq.gguf.reader import GGUFFile, TensorInfo
+from ditq.gguf.writer import GGUFStreamWriter, TensorSpec
+
+__all__ = [
+    "BLOCK_LAYOUT",
+    "BlockCodec",
+    "GGUFFile",
+    "GGUFStreamWriter",
+    "TensorInfo",
+    "TensorSpec",
+    "codec",
+    "codec_names",
+    "dequantize",
+    "quantize",
+    "resolve_qtype",
+    "row_bytes",
+    "tensor_bytes",
+]
