@@ -1,0 +1,87 @@
+"""`ditq eval RUN`: score a run folder's images with the metric battery (scores.csv + metrics.json)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ditq.errors import ConfigError
+
+ENVIRONMENT_HELP = """\
+weights are read from local files only (nothing is downloaded):
+  lpips       $DITQ_LPIPS_ALEXNET (torchvision alexnet-owt-7be5be79.pth, default: the torch hub cache)
+              $DITQ_LPIPS_LIN (lpips weights/v0.1/alex.pth, default: an installed lpips package)
+  clip_score  $DITQ_CLIP_MODEL (default: openai/clip-vit-large-patch14 in the Hugging Face cache)
+  pickscore   $DITQ_PICKSCORE_MODEL, $DITQ_PICKSCORE_PROCESSOR
+              (default: yuvalkirstain/PickScore_v1, laion/CLIP-ViT-H-14-laion2B-s32B-b79K)
+  hpsv2       $DITQ_HPSV2_CHECKPOINT, $DITQ_HPSV2_PROCESSOR
+              (default: HPS_v2.1_compressed.pt of xswu/HPSv2, laion/CLIP-ViT-H-14-laion2B-s32B-b79K)
+a metric whose weights are missing is reported unavailable in metrics.json and writes no scores."""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="score a run folder's images (fidelity vs FP8, OCR, preference)",
+        description="Score every image of a run folder; resumes from an existing scores.csv.",
+        epilog=ENVIRONMENT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "run", nargs="?", help="run folder (run.json, prompts.jsonl, manifest.jsonl, images/)"
+    )
+    parser.add_argument("--metrics", help="comma-separated metric names (default: all); see --list-metrics")
+    parser.add_argument("--device", default="cpu", help="torch device for model-based metrics (default: cpu)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per scoring batch (default: 8)")
+    parser.add_argument(
+        "--reference", help="variant fidelity metrics compare against (default: run.json's reference_variant)"
+    )
+    parser.add_argument(
+        "--list-metrics", action="store_true", help="list the metrics and whether each can run"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def _list_metrics() -> int:
+    from ditq.metrics import METRICS
+
+    for name in METRICS:
+        metric = METRICS.get(name)
+        status = metric.status()
+        direction = "higher" if metric.higher_is_better else "lower"
+        state = "available" if status.available else f"unavailable: {status.reason}"
+        print(f"{name:<11} {metric.family:<10} {direction} is better  {state}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from ditq.metrics import evaluate_run
+
+    if args.list_metrics:
+        return _list_metrics()
+    if not args.run:
+        raise ConfigError("give a run folder: ditq eval RUN")
+    names = None
+    if args.metrics:
+        names = [n.strip() for n in args.metrics.split(",") if n.strip()]
+        if not names:
+            raise ConfigError(f"--metrics {args.metrics!r} names no metric")
+    result = evaluate_run(
+        args.run,
+        names,
+        device=args.device,
+        batch_size=args.batch_size,
+        reference=args.reference,
+        progress=not args.no_progress,
+    )
+    for name, status in result.statuses.items():
+        if status.available:
+            print(f"{name}: {result.new_rows.get(name, 0)} new rows")
+        else:
+            print(f"{name}: unavailable: {status.reason}")
+    if result.missing_images:
+        shown = ", ".join(result.missing_images[:5])
+        more = f" and {len(result.missing_images) - 5} more" if len(result.missing_images) > 5 else ""
+        print(f"missing images ({len(result.missing_images)}): {shown}{more}")
+    print(f"wrote {result.scores_path} and {result.metrics_path}")
+    return 0

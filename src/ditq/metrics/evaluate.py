@@ -1,0 +1,262 @@
+"""Score every image of a run folder with the metric battery: writes scores.csv and metrics.json.
+
+Metrics run one after another (one model in memory at a time), over every image that has no row yet for
+that metric, so an interrupted or extended evaluation resumes where it stopped. Fidelity metrics compare each
+image with the reference variant's image of the same prompt id, seed and caption mode (the reference variant
+itself gets no fidelity rows); text metrics score the prompt's `texts`; preference metrics the prompt text.
+
+metrics.json:
+
+    {"version": 1, "ditq_version": "...", "reference_variant": "fp8",
+     "metrics": {name: {"available": bool, "reason": str | null, "higher_is_better": bool,
+                        "reference": "fp8" | null, "family": "fidelity" | "text" | "preference",
+                        "model": str | null, "rows": int, "without_reference": int}},
+     "missing_images": ["images/<variant>/<caption_mode>/<prompt_id>_s<seed>.png", ...]}
+
+`reference` is the reference variant actually used (null for standalone metrics); `rows` counts the metric's
+rows in scores.csv; `without_reference` (fidelity only) counts images skipped because the reference variant
+has no readable image of their prompt, seed and caption mode. Metrics not run this time keep their entry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ditq import __version__
+from ditq.errors import CheckpointError, ConfigError
+from ditq.metrics.base import METRICS, Metric, MetricStatus, ScoreItem
+from ditq.metrics.runfolder import (
+    ImageKey,
+    ImageRecord,
+    RunFolder,
+    RunFolderError,
+    ScoreTable,
+    load_image,
+    write_json_atomic,
+)
+
+logger = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 60.0
+
+
+@dataclass
+class EvalResult:
+    """What `evaluate_run` did: paths written, per-metric status and new rows, images it could not read."""
+
+    scores_path: Path
+    metrics_path: Path
+    statuses: dict[str, MetricStatus]
+    new_rows: dict[str, int]
+    missing_images: list[str] = field(default_factory=list)
+
+
+def resolve_metrics(metrics: Iterable[str | Metric] | None) -> list[Metric]:
+    """Metric objects for names or objects (None: every registered metric); unknown names raise ConfigError."""
+    if metrics is None:
+        return [METRICS.get(name) for name in METRICS]
+    resolved: list[Metric] = []
+    for entry in metrics:
+        metric = METRICS.get(entry) if isinstance(entry, str) else entry
+        if not isinstance(metric, Metric):
+            raise ConfigError(f"metrics must be names or Metric objects, got {entry!r}")
+        if metric.name not in {m.name for m in resolved}:
+            resolved.append(metric)
+    return resolved
+
+
+class _Evaluation:
+    """The state of one `evaluate_run` call."""
+
+    def __init__(self, run: RunFolder, reference: str, device: str, batch_size: int, progress: bool) -> None:
+        self.run = run
+        self.reference = reference
+        self.device = device
+        self.batch_size = batch_size
+        self.progress = progress
+        self.table = ScoreTable(run.root / "scores.csv")
+        self.missing: set[str] = {im.path for im in run.images if not run.image_path(im).is_file()}
+        self.references: dict[ImageKey, ImageRecord] = {
+            im.key: im for im in run.images if im.variant == reference
+        }
+        self.last_flush = time.monotonic()
+
+    def pending(self, metric: Metric) -> tuple[list[ImageRecord], int]:
+        """Images still to score with `metric`, and how many lack a reference image."""
+        todo, without_reference = [], 0
+        for image in self.run.images:
+            if (image.variant, image.prompt_id, image.seed, image.caption_mode, metric.name) in self.table:
+                continue
+            if image.path in self.missing:
+                continue
+            if metric.needs_texts and not self.run.prompts[image.prompt_id].texts:
+                continue
+            if metric.reference is not None:
+                if image.variant == self.reference:
+                    continue
+                ref = self.references.get(image.key)
+                if ref is None or ref.path in self.missing:
+                    without_reference += 1
+                    continue
+            todo.append(image)
+        return todo, without_reference
+
+    def _read(self, image: ImageRecord) -> np.ndarray | None:
+        try:
+            return load_image(self.run.image_path(image))
+        except (OSError, ValueError) as exc:
+            logger.warning("cannot read %s: %s", image.path, exc)
+            self.missing.add(image.path)
+            return None
+
+    def items(
+        self, metric: Metric, batch: Sequence[ImageRecord]
+    ) -> tuple[list[ImageRecord], list[ScoreItem]]:
+        kept, items = [], []
+        for image in batch:
+            pixels = self._read(image)
+            if pixels is None:
+                continue
+            prompt = self.run.prompts[image.prompt_id]
+            reference = None
+            if metric.reference is not None:
+                ref = self.references[image.key]
+                reference = self._read(ref)
+                if reference is None:
+                    continue
+                if reference.shape != pixels.shape:
+                    raise RunFolderError(
+                        f"{image.path} is {pixels.shape[1]}x{pixels.shape[0]} but its reference {ref.path} is "
+                        f"{reference.shape[1]}x{reference.shape[0]}; fidelity needs images of one size"
+                    )
+            kept.append(image)
+            items.append(
+                ScoreItem(image=pixels, prompt=prompt.prompt, texts=prompt.texts, reference=reference)
+            )
+        return kept, items
+
+    def flush(self, force: bool = False) -> None:
+        if self.table.dirty and (force or time.monotonic() - self.last_flush > FLUSH_SECONDS):
+            self.table.write()
+            self.last_flush = time.monotonic()
+
+    def score(self, metric: Metric, todo: list[ImageRecord]) -> int:
+        added = 0
+        with tqdm(
+            total=len(todo), desc=metric.name, unit="img", disable=not self.progress, leave=False
+        ) as bar:
+            for start in range(0, len(todo), self.batch_size):
+                kept, items = self.items(metric, todo[start : start + self.batch_size])
+                values = metric.score(items) if items else []
+                if len(values) != len(items):
+                    raise RuntimeError(f"{metric.name} returned {len(values)} scores for {len(items)} images")
+                for image, value in zip(kept, values, strict=True):
+                    if value is not None:
+                        self.table.add(image, metric.name, value)
+                        added += 1
+                bar.update(min(self.batch_size, len(todo) - start))
+                self.flush()
+        return added
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    metrics: Iterable[str | Metric] | None = None,
+    *,
+    device: str = "cpu",
+    batch_size: int = 8,
+    reference: str | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Score a run folder's images, resuming from its scores.csv; writes scores.csv and metrics.json.
+
+    run_dir: a folder with run.json, prompts.jsonl, manifest.jsonl and the images.
+    metrics: names or Metric objects (default: every registered metric).
+    reference: the variant fidelity metrics compare against (default: run.json's "reference_variant", or fp8).
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    chosen = resolve_metrics(metrics)
+    run = RunFolder.read(run_dir)
+    reference = reference or run.run.get("reference_variant") or "fp8"
+    state = _Evaluation(run, reference, device, batch_size, progress)
+    if state.missing:
+        logger.warning("%d image files listed in manifest.jsonl are missing", len(state.missing))
+
+    metrics_path = run.root / "metrics.json"
+    entries = _previous_entries(metrics_path)
+    statuses: dict[str, MetricStatus] = {}
+    new_rows: dict[str, int] = {}
+    try:
+        for metric in chosen:
+            status = metric.status()
+            if status.available and metric.reference is not None and not state.references:
+                status = MetricStatus.missing(
+                    f"reference variant {reference!r} has no images in manifest.jsonl"
+                )
+            todo, without_reference = state.pending(metric) if status.available else ([], 0)
+            if todo:
+                try:
+                    metric.load(device)
+                except CheckpointError as exc:
+                    status = MetricStatus.missing(str(exc))
+            if not status.available:
+                logger.warning("%s unavailable: %s", metric.name, status.reason)
+            else:
+                if without_reference:
+                    logger.warning("%s: %d images have no reference image", metric.name, without_reference)
+                try:
+                    new_rows[metric.name] = state.score(metric, todo) if todo else 0
+                finally:
+                    metric.unload()
+                    state.flush(force=True)
+            statuses[metric.name] = status
+            entry = {"available": status.available, "reason": status.reason, **metric.describe()}
+            entry["reference"] = reference if metric.reference is not None else None
+            entry["rows"] = state.table.count(metric.name)
+            if metric.reference is not None:
+                entry["without_reference"] = without_reference
+            entries[metric.name] = entry
+    finally:
+        if not state.table.path.exists():
+            state.table.write()  # header only: the evaluation ran, nothing to score
+        state.flush(force=True)
+        missing = sorted(state.missing)
+        write_json_atomic(
+            metrics_path,
+            {
+                "version": 1,
+                "ditq_version": __version__,
+                "reference_variant": reference,
+                "metrics": dict(sorted(entries.items())),
+                "missing_images": missing,
+            },
+        )
+    return EvalResult(
+        scores_path=state.table.path,
+        metrics_path=metrics_path,
+        statuses=statuses,
+        new_rows=new_rows,
+        missing_images=missing,
+    )
+
+
+def _previous_entries(path: Path) -> dict[str, dict]:
+    """Metric entries of an earlier metrics.json, kept for metrics not run this time."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        logger.warning("%s is not valid JSON; it is rewritten", path)
+        return {}
+    entries = data.get("metrics") if isinstance(data, dict) else None
+    return dict(entries) if isinstance(entries, dict) else {}
