@@ -108,15 +108,30 @@ def test_preference_unavailable_names_what_is_missing(tmp_path, tiny_processor):
 TEXT_WIDTH, VISION_WIDTH, EMBED, HEADS, LAYERS, PATCH, CONTEXT, VOCAB = 32, 40, 24, 2, 2, 8, 77, 514
 
 
-def _openclip_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+def _openclip_state_dict(
+    seed: int = 0,
+    *,
+    text_width: int = TEXT_WIDTH,
+    vision_width: int = VISION_WIDTH,
+    embed: int = EMBED,
+    text_layers: int = LAYERS,
+    vision_layers: int = LAYERS,
+    patch: int = PATCH,
+    image: int = 32,
+    vocab: int = VOCAB,
+    device: str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """An open_clip ViT state dict (open_clip's key names and shapes), random half-precision values."""
     gen = torch.Generator().manual_seed(seed)
 
     def r(*shape, scale=0.2):
-        return scale * torch.randn(*shape, generator=gen)
+        if device == "meta":
+            return torch.empty(shape, device="meta")
+        return scale * torch.randn(shape, generator=gen)
 
-    def blocks(prefix: str, width: int, mlp: int) -> dict[str, torch.Tensor]:
+    def blocks(prefix: str, width: int, layers: int) -> dict[str, torch.Tensor]:
         out = {}
-        for i in range(LAYERS):
+        for i in range(layers):
             p = f"{prefix}transformer.resblocks.{i}."
             out |= {
                 p + "ln_1.weight": 1 + r(width),
@@ -127,32 +142,32 @@ def _openclip_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
                 p + "attn.out_proj.bias": r(width),
                 p + "ln_2.weight": 1 + r(width),
                 p + "ln_2.bias": r(width),
-                p + "mlp.c_fc.weight": r(mlp, width),
-                p + "mlp.c_fc.bias": r(mlp),
-                p + "mlp.c_proj.weight": r(width, mlp),
+                p + "mlp.c_fc.weight": r(4 * width, width),
+                p + "mlp.c_fc.bias": r(4 * width),
+                p + "mlp.c_proj.weight": r(width, 4 * width),
                 p + "mlp.c_proj.bias": r(width),
             }
         return out
 
-    grid = 32 // PATCH
+    grid = image // patch
     state = {
-        "token_embedding.weight": r(VOCAB, TEXT_WIDTH),
-        "positional_embedding": r(CONTEXT, TEXT_WIDTH),
-        "ln_final.weight": 1 + r(TEXT_WIDTH),
-        "ln_final.bias": r(TEXT_WIDTH),
-        "text_projection": r(TEXT_WIDTH, EMBED),
-        "logit_scale": torch.tensor(4.6),
-        "visual.conv1.weight": r(VISION_WIDTH, 3, PATCH, PATCH),
-        "visual.class_embedding": r(VISION_WIDTH),
-        "visual.positional_embedding": r(1 + grid * grid, VISION_WIDTH),
-        "visual.ln_pre.weight": 1 + r(VISION_WIDTH),
-        "visual.ln_pre.bias": r(VISION_WIDTH),
-        "visual.ln_post.weight": 1 + r(VISION_WIDTH),
-        "visual.ln_post.bias": r(VISION_WIDTH),
-        "visual.proj": r(VISION_WIDTH, EMBED),
+        "token_embedding.weight": r(vocab, text_width),
+        "positional_embedding": r(CONTEXT, text_width),
+        "ln_final.weight": 1 + r(text_width),
+        "ln_final.bias": r(text_width),
+        "text_projection": r(text_width, embed),
+        "logit_scale": r() + 4.6,
+        "visual.conv1.weight": r(vision_width, 3, patch, patch),
+        "visual.class_embedding": r(vision_width),
+        "visual.positional_embedding": r(1 + grid * grid, vision_width),
+        "visual.ln_pre.weight": 1 + r(vision_width),
+        "visual.ln_pre.bias": r(vision_width),
+        "visual.ln_post.weight": 1 + r(vision_width),
+        "visual.ln_post.bias": r(vision_width),
+        "visual.proj": r(vision_width, embed),
     }
-    state |= blocks("", TEXT_WIDTH, 4 * TEXT_WIDTH)
-    state |= blocks("visual.", VISION_WIDTH, 4 * VISION_WIDTH)
+    state |= blocks("", text_width, text_layers)
+    state |= blocks("visual.", vision_width, vision_layers)
     return {k: v.half() for k, v in state.items()}  # the released checkpoint is half precision
 
 
@@ -215,6 +230,39 @@ def test_openclip_conversion_splits_in_proj():
     torch.testing.assert_close(converted[prefix + "k_proj.weight"], qkv[TEXT_WIDTH : 2 * TEXT_WIDTH])
     torch.testing.assert_close(converted[prefix + "v_proj.weight"], qkv[2 * TEXT_WIDTH :])
     torch.testing.assert_close(converted["visual_projection.weight"], state["visual.proj"].float().T)
+
+
+def test_openclip_conversion_fills_a_vit_h_14_clip_model():
+    """At ViT-H-14's real shapes (on the meta device): the inferred config and a complete key mapping."""
+    from transformers import CLIPModel
+    from transformers.initialization import no_init_weights
+
+    from ditq.metrics.openclip import clip_config_from_openclip
+
+    state = _openclip_state_dict(
+        text_width=1024, vision_width=1280, embed=1024, text_layers=24, vision_layers=32, patch=14, image=224,
+        vocab=49408, device="meta",
+    )  # fmt: skip
+    config = clip_config_from_openclip(state)
+    text, vision = config.text_config, config.vision_config
+    assert (text.hidden_size, text.num_hidden_layers, text.intermediate_size, text.num_attention_heads) == (
+        1024, 24, 4096, 16,
+    )  # fmt: skip
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.intermediate_size, vision.patch_size) == (
+        1280, 32, 5120, 14,
+    )  # fmt: skip
+    assert (vision.image_size, config.projection_dim, text.vocab_size, text.eos_token_id) == (
+        224,
+        1024,
+        49408,
+        49407,
+    )
+    assert text.hidden_act == vision.hidden_act == "gelu"
+    with no_init_weights(), torch.device("meta"):
+        model = CLIPModel(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    converted = {k: tuple(v.shape) for k, v in convert_openclip_state_dict(state).items()}
+    assert converted == expected
 
 
 def test_openclip_conversion_rejects_foreign_keys():

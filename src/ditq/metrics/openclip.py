@@ -170,10 +170,12 @@ def clip_config_from_openclip(
 def clip_model_from_openclip(state: dict[str, torch.Tensor], **config_kwargs):
     """Build a transformers CLIPModel (float32, eval) holding an open_clip ViT state dict's weights."""
     from transformers import CLIPModel
+    from transformers.initialization import no_init_weights
 
     state = unwrap_checkpoint(state)
     config = clip_config_from_openclip(state, **config_kwargs)
-    model = CLIPModel(config)
+    with no_init_weights():  # every weight is loaded below (checked), so skip ~40 s of random init for ViT-H
+        model = CLIPModel(config)
     converted = convert_openclip_state_dict(state)
     try:
         result = model.load_state_dict(converted, strict=False)
