@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ditq.errors import ConfigError
@@ -34,6 +35,8 @@ RULES = {
     "bad-color": "a colour is not an uppercase #RRGGBB string",
     "too-many-colors": "a palette is longer than allowed (16 for the style, 5 for an element)",
     "escaped-non-ascii": "non-ASCII written as \\u escapes (warning: the canonical form keeps the characters)",
+    "duplicate-id": "two records of one file share an id (files only)",
+    "missing-caption": "a record has no caption field (files only)",
 }
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -317,3 +320,57 @@ def check_caption(caption: Any, where: str = "") -> dict[str, Any]:
     if any(p.severity == "error" for p in problems):
         raise CaptionError(problems, where)
     return parse_caption(caption) if isinstance(caption, str | bytes | bytearray) else dict(caption)
+
+
+@dataclass(frozen=True)
+class LineProblem:
+    """A problem found in a JSONL file: 1-based line number, the record id when the line has one, the problem."""
+
+    line: int
+    record_id: str
+    problem: CaptionProblem
+
+
+def validate_caption_file(path: str | Path, field: str = "caption") -> Iterator[LineProblem]:
+    """Every problem in a JSONL file of captions, line by line; paths are relative to each caption.
+
+    A line is either a caption itself or a record (an object with an `id`) whose `field` holds the caption, as an
+    object or as JSON text. Malformed lines and repeated ids are reported too; reading goes on to the end.
+    """
+    path = Path(path)
+    try:
+        handle = path.open(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    first_seen: dict[str, int] = {}
+    with handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = parse_caption(line)
+            except json.JSONDecodeError as exc:
+                yield LineProblem(
+                    number, "", CaptionProblem("$", "invalid-json", f"{exc.msg} at column {exc.colno}")
+                )
+                continue
+            record_id = obj.get("id") if isinstance(obj, Mapping) and isinstance(obj.get("id"), str) else ""
+            if record_id:
+                if record_id in first_seen:
+                    message = f"id {record_id!r} already used on line {first_seen[record_id]}"
+                    yield LineProblem(number, record_id, CaptionProblem("$.id", "duplicate-id", message))
+                else:
+                    first_seen[record_id] = number
+            if isinstance(obj, Mapping) and field in obj:
+                caption = obj[field]
+            elif record_id:
+                yield LineProblem(
+                    number,
+                    record_id,
+                    CaptionProblem("$", "missing-caption", f"record has no {field!r} field"),
+                )
+                continue
+            else:
+                caption = obj
+            for problem in validate_caption(caption):
+                yield LineProblem(number, record_id, problem)

@@ -1,0 +1,148 @@
+"""`ditq captions`: validate with line numbers, resumable expand, suite list/export, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ditq.cli import main
+from ditq.prompts import load_suite, validate_caption
+from ditq.prompts.records import read_prompt_records
+
+GOOD = {
+    "compositional_deconstruction": {"background": "sky", "elements": [{"type": "obj", "desc": "a kite"}]}
+}
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_cli_validate_reports_every_problem_with_line_numbers(tmp_path, capsys):
+    bad_caption = {"compositional_deconstruction": {"elements": [], "background": "x"}}
+    path = write_lines(
+        tmp_path / "captions.jsonl",
+        [
+            json.dumps({"id": "a", "caption": json.dumps(GOOD)}),
+            json.dumps({"id": "b", "caption": bad_caption}),
+            "{not json",
+            "",
+            json.dumps({"id": "a", "caption": GOOD}),
+            json.dumps({"id": "c"}),
+            json.dumps(GOOD),
+        ],
+    )
+    assert main(["captions", "validate", str(path)]) == 1
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert (
+        f"{path}:2: [b] $.compositional_deconstruction: wrong-order: keys are (elements, background), expected (background, elements)"
+        in lines
+    )
+    assert (
+        f"{path}:2: [b] $.compositional_deconstruction.elements: empty-elements: needs at least one element"
+        in lines
+    )
+    assert any(line.startswith(f"{path}:3: $: invalid-json:") for line in lines)
+    assert f"{path}:5: [a] $.id: duplicate-id: id 'a' already used on line 1" in lines
+    assert f"{path}:6: [c] $: missing-caption: record has no 'caption' field" in lines
+    assert not any(line.startswith((f"{path}:1:", f"{path}:7:")) for line in lines)
+    assert "6 line(s), 4 invalid, 5 problem(s)" in out.err
+
+
+def test_cli_validate_clean_file_and_missing_file(tmp_path, capsys):
+    path = write_lines(tmp_path / "ok.jsonl", [json.dumps(GOOD)] * 3)
+    assert main(["captions", "validate", str(path)]) == 0
+    assert main(["captions", "validate", str(tmp_path / "nope.jsonl")]) == 2
+    assert "nope.jsonl: cannot read" in capsys.readouterr().err
+
+
+def prompt_file(tmp_path, n=5):
+    lines = [json.dumps({"id": f"p-{i:02d}", "prompt": f'a poster that says "HELLO {i}"'}) for i in range(n)]
+    return write_lines(tmp_path / "prompts.jsonl", lines)
+
+
+def test_cli_expand_resumes_after_interruption_without_duplicates(tmp_path, capsys):
+    prompts = prompt_file(tmp_path)
+    out = tmp_path / "out" / "captions.jsonl"
+    assert main(["captions", "expand", str(prompts), "-o", str(out), "--limit", "2"]) == 0
+    assert [r.id for r in read_prompt_records(out)] == ["p-00", "p-01"]
+    # A crash in the middle of the next append leaves a torn line without its newline.
+    full = out.read_bytes()
+    with out.open("ab") as handle:
+        handle.write(b'{"id":"p-02","prompt":"a poster that says \\"HEL')
+    capsys.readouterr()
+    assert main(["captions", "expand", str(prompts), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "3 written, 2 already there, 0 failed" in err
+    records = read_prompt_records(out)
+    assert [r.id for r in records] == ["p-00", "p-01", "p-02", "p-03", "p-04"]
+    assert out.read_bytes().startswith(full)  # earlier lines untouched
+    assert all(validate_caption(r.caption) == [] and r.fields["expander"] == "template" for r in records)
+    assert all(f"HELLO {i}" in records[i].caption for i in range(5))
+    # Nothing left: a third run writes nothing.
+    assert main(["captions", "expand", str(prompts), "-o", str(out)]) == 0
+    assert "all 5 prompt(s) already expanded" in capsys.readouterr().err
+
+
+def test_cli_expand_rejects_bad_prompt_files(tmp_path, capsys):
+    malformed = write_lines(
+        tmp_path / "bad.jsonl", [json.dumps({"id": "a", "prompt": "x"}), '{"id": "b", "prompt": ']
+    )
+    assert main(["captions", "expand", str(malformed), "-o", str(tmp_path / "o.jsonl")]) == 2
+    assert f"{malformed}:2: malformed JSON" in capsys.readouterr().err
+    dup = write_lines(
+        tmp_path / "dup.jsonl",
+        [json.dumps({"id": "a", "prompt": "x"}), json.dumps({"id": "a", "prompt": "y"})],
+    )
+    assert main(["captions", "expand", str(dup), "-o", str(tmp_path / "o.jsonl")]) == 2
+    assert f"{dup}:2: duplicate prompt id 'a' (first on line 1)" in capsys.readouterr().err
+    no_id = write_lines(tmp_path / "noid.jsonl", [json.dumps({"prompt": "x"})])
+    assert main(["captions", "expand", str(no_id), "-o", str(tmp_path / "o.jsonl")]) == 2
+    assert "'id' must be a non-empty string" in capsys.readouterr().err
+    assert (
+        main(["captions", "expand", str(no_id), "-o", str(tmp_path / "o.jsonl"), "--expander", "magic"]) == 2
+    )
+
+
+def test_cli_expand_refuses_a_corrupt_output_middle(tmp_path, capsys):
+    prompts = prompt_file(tmp_path, n=3)
+    out = write_lines(
+        tmp_path / "captions.jsonl", [json.dumps({"id": "p-00"}), "garbage", json.dumps({"id": "p-01"})]
+    )
+    assert main(["captions", "expand", str(prompts), "-o", str(out)]) == 2
+    assert f"{out}:2: unreadable record in the middle of the file" in capsys.readouterr().err
+    assert out.read_text().count("\n") == 3  # left as it was
+
+
+def test_cli_suite_list_and_export(tmp_path, capsys):
+    assert main(["captions", "suite", "--list", "--subset", "quick"]) == 0
+    out = capsys.readouterr().out
+    assert "typography       3" in out and "total           30  suite 'quick'" in out
+    export = tmp_path / "smoke.jsonl"
+    assert main(["captions", "suite", "--export", str(export), "--subset", "smoke", "--mode", "raw"]) == 0
+    lines = [json.loads(line) for line in export.read_text(encoding="utf-8").splitlines()]
+    smoke = load_suite("smoke")
+    assert [line["id"] for line in lines] == [r.id for r in smoke]
+    assert all(line["mode"] == "raw" and line["text"] == line["prompt"] for line in lines)
+    assert main(["captions", "suite", "--export", str(export), "--subset", "smoke"]) == 0
+    lines = [json.loads(line) for line in export.read_text(encoding="utf-8").splitlines()]
+    assert all(line["text"] == line["caption"] and validate_caption(line["text"]) == [] for line in lines)
+    assert main(["captions", "suite", "--list", "--subset", "tiny"]) == 2
+
+
+def test_cli_suite_export_feeds_expand(tmp_path, capsys):
+    export = tmp_path / "smoke.jsonl"
+    assert main(["captions", "suite", "--export", str(export), "--subset", "smoke"]) == 0
+    out = tmp_path / "captions.jsonl"
+    assert main(["captions", "expand", str(export), "-o", str(out)]) == 0
+    assert len(read_prompt_records(out)) == 6
+
+
+@pytest.mark.parametrize("argv", [["captions", "schema"], ["captions", "suite", "--check-build"]])
+def test_cli_small_verbs(argv, capsys):
+    assert main(argv) == 0
+    if argv[-1] == "schema":
+        assert json.loads(capsys.readouterr().out)["$schema"].endswith("2020-12/schema")
