@@ -8,8 +8,11 @@ LLVM neither reorders sums nor fuses multiply-adds (ggml's reference build has n
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numba
 import numpy as np
@@ -122,57 +125,67 @@ def load_f16(data, row, col):
     return f16_bits_to_f32(np.int32(data[row, col]) | (np.int32(data[row, col + 1]) << 8))
 
 
+_THREADS: ContextVar[int | None] = ContextVar("ditq_gguf_threads", default=None)
+
+
 def thread_count() -> int:
-    return numba.get_num_threads()
+    """Threads the codecs use now: the innermost `threads(n)` setting, else every core this process may use."""
+    n = _THREADS.get()
+    return n if n is not None else len(os.sched_getaffinity(0))
 
 
 @contextmanager
 def threads(n: int | None) -> Iterator[None]:
-    """Run the enclosed kernels on `n` threads (None: leave numba's setting, NUMBA_NUM_THREADS or all cores)."""
+    """Run the enclosed encodes and decodes on `n` threads (None: keep the current setting)."""
     if n is None:
         yield
         return
-    limit = numba.config.NUMBA_NUM_THREADS
-    if not 1 <= n <= limit:
+    if n < 1:
         from ditq.errors import ConfigError
 
-        raise ConfigError(f"threads={n} is out of range 1..{limit} (NUMBA_NUM_THREADS)")
-    before = numba.get_num_threads()
-    numba.set_num_threads(n)
+        raise ConfigError(f"threads={n}: must be at least 1")
+    token = _THREADS.set(n)
     try:
         yield
     finally:
-        numba.set_num_threads(before)
+        _THREADS.reset(token)
 
 
-def chunks(n_items: int) -> int:
-    """How many parallel chunks to cut `n_items` work items into: a few per thread, for load balance."""
-    return max(1, min(n_items, 4 * numba.get_num_threads()))
+def parallel_for(kernel: Callable[..., object], n_items: int, *args: object) -> None:
+    """Call `kernel(lo, hi, *args)` over [0, n_items) cut into chunks, on `thread_count()` threads. Kernels are
+    nogil numba functions, so the chunks run truly in parallel; each chunk writes its own slice of the output."""
+    n_threads = min(thread_count(), n_items)
+    if n_threads <= 1:
+        kernel(0, n_items, *args)
+        return
+    n_chunks = min(n_items, 4 * n_threads)  # a few chunks per thread evens out the load
+    bounds = [(n_items * c // n_chunks, n_items * (c + 1) // n_chunks) for c in range(n_chunks)]
+    with ThreadPoolExecutor(n_threads, thread_name_prefix="ditq-gguf") as pool:
+        for f in [pool.submit(kernel, lo, hi, *args) for lo, hi in bounds]:
+            f.result()
 
 
-@numba.njit(parallel=True, **JIT)
-def _first_nonfinite_block(blocks, n_chunks):
+@numba.njit(**JIT)
+def _find_nonfinite(lo, hi, blocks, found):
+    """For each part p in [lo, hi) of len(found) equal parts of `blocks`: found[p] = its first row holding a
+    NaN or Inf (via the bit patterns: |x| >= the bits of inf), or -1."""
     n, k = blocks.shape
-    found = np.full(n_chunks, -1, np.int64)
-    for c in numba.prange(n_chunks):
-        lo = n * c // n_chunks
-        hi = n * (c + 1) // n_chunks
-        for b in range(lo, hi):
+    n_parts = found.shape[0]
+    for p in range(lo, hi):
+        found[p] = -1
+        for b in range(n * p // n_parts, n * (p + 1) // n_parts):
             row = blocks[b]
             m = np.int32(0)
             for j in range(k):
                 m = max(m, f32_bits(row[j]) & 0x7FFFFFFF)
             if m >= 0x7F800000:
-                found[c] = b
+                found[p] = b
                 break
-    for c in range(n_chunks):
-        if found[c] >= 0:
-            return found[c]
-    return -1
 
 
 def first_nonfinite_block(blocks: np.ndarray) -> int:
     """Index of the first row of float32 `blocks` (n, k) holding a NaN or Inf, or -1."""
-    if blocks.shape[0] == 0:
-        return -1
-    return int(_first_nonfinite_block(blocks, chunks(blocks.shape[0])))
+    found = np.empty(max(1, min(blocks.shape[0], 4 * thread_count())), np.int64)
+    parallel_for(_find_nonfinite, found.shape[0], blocks, found)
+    hits = found[found >= 0]
+    return int(hits[0]) if hits.size else -1

@@ -15,44 +15,35 @@ import numba
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from ditq.gguf._jit import JIT, bits_f32, chunks, f32, f32_bits, load_f16, round_away, store_f16
+from ditq.gguf._jit import JIT, bits_f32, f32, f32_bits, load_f16, parallel_for, round_away, store_f16
 from ditq.gguf.codec import BlockCodec, NonFiniteInput
 
 _127 = f32(127.0)
 
 
-@numba.njit(parallel=True, **JIT)
-def _encode(x, out, n_chunks):
-    """x float32 (n, 32) -> out uint8 (n, 34). Returns the first block holding NaN/Inf, or -1."""
-    n = x.shape[0]
-    bad = np.full(n_chunks, -1, np.int64)
-    for c in numba.prange(n_chunks):
-        for b in range(n * c // n_chunks, n * (c + 1) // n_chunks):
-            row = x[b]
-            # max |x| through the bit patterns: same order as the floats, and vectorizes as an integer max
-            m = np.int32(0)
-            for j in range(32):
-                m = max(m, f32_bits(row[j]) & 0x7FFFFFFF)
-            if m >= 0x7F800000:
-                if bad[c] < 0:
-                    bad[c] = b
-                continue
-            d = bits_f32(m) / _127
-            inv = f32(1.0) / d if d != f32(0.0) else f32(0.0)
-            store_f16(out, b, 0, d)
-            dst = out[b]
-            for j in range(32):
-                dst[2 + j] = np.uint8(np.int32(round_away(row[j] * inv)) & 0xFF)
-    for c in range(n_chunks):
-        if bad[c] >= 0:
-            return bad[c]
-    return -1
+@numba.njit(**JIT)
+def _encode(lo, hi, x, out, bad):
+    """Blocks [lo, hi) of x float32 (n, 32) -> out uint8 (n, 34); bad[0] = a block holding NaN/Inf."""
+    for b in range(lo, hi):
+        row = x[b]
+        # max |x| through the bit patterns: same order as the floats, and vectorizes as an integer max
+        m = np.int32(0)
+        for j in range(32):
+            m = max(m, f32_bits(row[j]) & 0x7FFFFFFF)
+        if m >= 0x7F800000:
+            bad[0] = b
+            continue
+        d = bits_f32(m) / _127
+        inv = f32(1.0) / d if d != f32(0.0) else f32(0.0)
+        store_f16(out, b, 0, d)
+        dst = out[b]
+        for j in range(32):
+            dst[2 + j] = np.uint8(np.int32(round_away(row[j] * inv)) & 0xFF)
 
 
-@numba.njit(parallel=True, **JIT)
-def _decode(blocks, out):
-    n = blocks.shape[0]
-    for b in numba.prange(n):
+@numba.njit(**JIT)
+def _decode(lo, hi, blocks, out):
+    for b in range(lo, hi):
         d = load_f16(blocks, b, 0)
         src = blocks[b]
         dst = out[b]
@@ -64,13 +55,14 @@ class Q8_0(BlockCodec, qtype=GGMLQuantizationType.Q8_0):
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         out = np.empty((blocks.shape[0], cls.type_size), np.uint8)
-        bad = _encode(blocks, out, chunks(blocks.shape[0]))
-        if bad >= 0:
-            raise NonFiniteInput(bad)
+        bad = np.full(1, -1, np.int64)
+        parallel_for(_encode, blocks.shape[0], blocks, out, bad)
+        if bad[0] >= 0:
+            raise NonFiniteInput(int(bad[0]))
         return out
 
     @classmethod
     def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         out = np.empty((blocks.shape[0], cls.block_size), np.float32)
-        _decode(blocks, out)
+        parallel_for(_decode, blocks.shape[0], blocks, out)
         return out
