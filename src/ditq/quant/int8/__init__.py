@@ -1,0 +1,1 @@
+"""INT8 W8A8 quantization with SmoothQuant."""

@@ -1,0 +1,502 @@
+"""Activation statistics of every Linear input, per timestep bucket and per transformer.
+
+`CalibrationRecorder` hooks a model; `calibrate_pipeline` runs the reference pipeline on captions over the real
+sampling schedule with both transformers hooked (the unconditional one sees zeroed text and has its own weights,
+so it gets its own statistics). Per Linear input and bucket it keeps:
+
+    absmax  [B, K] fp32   max |x_k| over tokens                    (SmoothQuant's max|X_j|)
+    sumsq   [B, K] fp64   Σ x_k² over tokens                       (activation energy; GGUF importance matrix)
+    count   [B]    int64  tokens seen (all-zero padding tokens are skipped)
+    token_absmax_quantiles [B, Q]  quantiles of the per-token absmax (what per-token scales will be)
+and, pooled over buckets, `samples` [S, K]: a uniform reservoir sample of input tokens for choosing α.
+Layers fed the very same tensor (to_q/to_k/to_v; w1/w3) share one record: the others are aliases.
+
+A few complete transformer calls (`probes`, about one per bucket) are kept too, so that the fragility analysis can
+rerun the transformer without the pipeline. The file is a safetensors file; its `ditq.calibration` metadata names
+the buckets, the number of captions, a hash of the captions and a fingerprint of each transformer's Linear shapes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ditq import __version__
+from ditq.errors import CheckpointError, ConfigError
+from ditq.interop.keys import split_module_name
+from ditq.io.safetensors_io import TensorSource, save_safetensors
+
+log = logging.getLogger(__name__)
+
+STATS_VERSION = 1
+METADATA_KEY = "ditq.calibration"
+DEFAULT_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)  # edges in model time t (0 = noise, 1 = clean image)
+QUANTILES = (0.5, 0.9, 0.99, 0.999, 1.0)
+TOKEN_RESERVOIR = 4096
+PROBE_ARGS = (
+    "hidden_states",
+    "timestep",
+    "encoder_hidden_states",
+    "position_ids",
+    "segment_ids",
+    "indicator",
+)
+LLM_TOKEN_INDICATOR = 3
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear or a quantized Linear replacement (has in/out_features and `dequantized_weight`)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return all(hasattr(module, a) for a in ("in_features", "out_features", "dequantized_weight"))
+
+
+def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{module name: (out_features, in_features)} of every Linear-like module."""
+    return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if is_linear_like(m)}
+
+
+def fingerprint(shapes: Mapping[str, tuple[int, int]]) -> str:
+    """A short hash identifying a model by its Linear names and shapes (diffusers split names)."""
+    text = json.dumps(sorted((k, list(v)) for k, v in shapes.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def captions_hash(captions: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(captions).encode("utf-8")).hexdigest()
+
+
+@dataclass
+class ModuleStats:
+    """Input statistics of one Linear input (shapes in the module docstring)."""
+
+    absmax: torch.Tensor
+    sumsq: torch.Tensor
+    count: torch.Tensor
+    token_absmax_quantiles: torch.Tensor
+    samples: torch.Tensor
+
+    @property
+    def in_features(self) -> int:
+        return int(self.absmax.shape[1])
+
+    def channel_absmax(self, buckets: Sequence[int] | None = None) -> torch.Tensor:
+        """max |x_k| [K] over the given buckets (default all)."""
+        a = self.absmax if buckets is None else self.absmax[list(buckets)]
+        return a.amax(dim=0)
+
+    def mean_square(self, buckets: Sequence[int] | None = None) -> torch.Tensor:
+        """E[x_k²] [K] (float64) over the given buckets."""
+        s = self.sumsq if buckets is None else self.sumsq[list(buckets)]
+        c = self.count if buckets is None else self.count[list(buckets)]
+        return s.sum(0) / max(int(c.sum()), 1)
+
+
+@dataclass
+class CalibrationStats:
+    """Statistics for one or both transformers; `modules[transformer][leader module]`."""
+
+    buckets: tuple[float, ...]
+    modules: dict[str, dict[str, ModuleStats]]
+    aliases: dict[str, dict[str, str]] = field(default_factory=dict)
+    probes: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    quantiles: tuple[float, ...] = QUANTILES
+
+    @property
+    def transformers(self) -> list[str]:
+        return sorted(self.modules)
+
+    def leader(self, transformer: str, module: str) -> str:
+        """The recorded module whose input `module` shares (accepts official fused names too)."""
+        name = split_module_name(module)[0]
+        return self.aliases.get(transformer, {}).get(name, name)
+
+    def get(self, transformer: str, module: str) -> ModuleStats:
+        if transformer not in self.modules:
+            known = ", ".join(self.transformers) or "none"
+            raise CheckpointError(
+                f"calibration statistics have no transformer {transformer!r} (have: {known})"
+            )
+        leader = self.leader(transformer, module)
+        try:
+            return self.modules[transformer][leader]
+        except KeyError:
+            raise CheckpointError(
+                f"calibration statistics for {transformer} have no entry for layer {module!r}"
+            ) from None
+
+    def has(self, transformer: str, module: str) -> bool:
+        return self.leader(transformer, module) in self.modules.get(transformer, {})
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        # Zero-element tensors (no samples seen; no text rows in an unconditional probe) are left out: they are
+        # rebuilt on load.
+        tensors: dict[str, torch.Tensor] = {}
+        for tr, mods in self.modules.items():
+            for name, st in mods.items():
+                for f in ("absmax", "sumsq", "count", "token_absmax_quantiles", "samples"):
+                    tensors[f"{tr}/{name}/{f}"] = getattr(st, f).contiguous()
+        for tr, probes in self.probes.items():
+            for i, probe in enumerate(probes):
+                for k, v in probe.items():
+                    tensors[f"probe/{tr}/{i}/{k}"] = v.contiguous()
+        tensors = {k: v for k, v in tensors.items() if v.numel()}
+        meta = dict(self.meta)
+        meta.update(
+            version=STATS_VERSION,
+            buckets=list(self.buckets),
+            quantiles=list(self.quantiles),
+            aliases=self.aliases,
+            ditq_version=__version__,
+        )
+        save_safetensors(path, tensors, {METADATA_KEY: json.dumps(meta), "format": "pt"})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibrationStats:
+        path = Path(path)
+        src = TensorSource(path)
+        raw = src.metadata.get(METADATA_KEY)
+        if raw is None:
+            raise CheckpointError(f"{path}: not a ditq calibration file (no {METADATA_KEY!r} metadata)")
+        meta = json.loads(raw)
+        if meta.get("version") != STATS_VERSION:
+            raise CheckpointError(
+                f"{path}: calibration format version {meta.get('version')}, expected {STATS_VERSION}"
+            )
+        fields: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        probes: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+        for key in src.keys():
+            if key.startswith("probe/"):
+                _, tr, idx, arg = key.split("/", 3)
+                probes.setdefault(tr, {}).setdefault(int(idx), {})[arg] = src.get(key)
+            else:
+                tr, rest = key.split("/", 1)
+                name, f = rest.rsplit("/", 1)
+                fields.setdefault((tr, name), {})[f] = src.get(key)
+        modules: dict[str, dict[str, ModuleStats]] = {}
+        for (tr, name), fs in fields.items():
+            if "samples" not in fs:
+                fs["samples"] = torch.zeros(0, fs["absmax"].shape[1], dtype=torch.bfloat16)
+            modules.setdefault(tr, {})[name] = ModuleStats(**fs)
+        for p in (p for per_tr in probes.values() for p in per_tr.values()):
+            if "llm_rows" not in p:
+                p["llm_rows"] = torch.zeros(0, int(p["llm_shape"][-1]), dtype=p["hidden_states"].dtype)
+        return cls(
+            buckets=tuple(meta["buckets"]),
+            modules=modules,
+            aliases=meta.get("aliases", {}),
+            probes={tr: [p[i] for i in sorted(p)] for tr, p in probes.items()},
+            meta={k: v for k, v in meta.items() if k not in ("aliases",)},
+            quantiles=tuple(meta.get("quantiles", QUANTILES)),
+        )
+
+
+def importance(stats: CalibrationStats, transformer: str, module: str) -> np.ndarray:
+    """Activation energy E[x_k²] [K] (float32) of a Linear's input over all buckets: the per-input-channel weights
+    a GGUF importance matrix holds (llama.cpp's imatrix: sum of squared activations over its token count)."""
+    return stats.get(transformer, module).mean_square().float().numpy()
+
+
+class _Accumulator:
+    """Running statistics of one Linear input."""
+
+    def __init__(self, k: int, n_buckets: int, sample_tokens: int, generator: torch.Generator) -> None:
+        self.absmax = torch.zeros(n_buckets, k)
+        self.sumsq = torch.zeros(n_buckets, k, dtype=torch.float64)
+        self.count = torch.zeros(n_buckets, dtype=torch.int64)
+        self.token_absmax = [torch.empty(0) for _ in range(n_buckets)]
+        self.token_seen = [0] * n_buckets
+        self.samples = torch.zeros(sample_tokens, k)
+        self.seen = 0
+        self.gen = generator
+
+    def add(self, x: torch.Tensor, b: int) -> None:
+        x2 = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        tok = x2.abs().amax(dim=1)
+        keep = tok > 0
+        if not bool(keep.all()):
+            x2, tok = x2[keep], tok[keep]
+        if x2.shape[0] == 0:
+            return
+        self.absmax[b] = torch.maximum(self.absmax[b], x2.abs().amax(dim=0))
+        self.sumsq[b] += (x2.double() ** 2).sum(dim=0)
+        self.count[b] += x2.shape[0]
+        self.token_absmax[b], self.token_seen[b] = _reservoir(
+            self.token_absmax[b], tok, self.token_seen[b], TOKEN_RESERVOIR, self.gen
+        )
+        if self.samples.shape[0]:
+            self.samples, self.seen = _reservoir_rows(self.samples, x2, self.seen, self.gen)
+
+    def finish(self, quantiles: Sequence[float]) -> ModuleStats:
+        q = torch.tensor(quantiles, dtype=torch.float32)
+        quant = torch.stack(
+            [torch.quantile(t, q) if t.numel() else torch.zeros(len(quantiles)) for t in self.token_absmax]
+        )
+        n = min(self.seen, self.samples.shape[0])
+        return ModuleStats(
+            absmax=self.absmax,
+            sumsq=self.sumsq,
+            count=self.count,
+            token_absmax_quantiles=quant,
+            samples=self.samples[:n].to(torch.bfloat16),
+        )
+
+
+def _reservoir(pool: torch.Tensor, new: torch.Tensor, seen: int, cap: int, gen: torch.Generator):
+    """Uniform reservoir sample (Algorithm R) of scalars."""
+    if pool.numel() < cap:
+        take = min(cap - pool.numel(), new.numel())
+        pool = torch.cat([pool, new[:take]])
+        new, seen = new[take:], seen + take
+    if new.numel():
+        idx = torch.arange(seen + 1, seen + 1 + new.numel(), dtype=torch.float64)
+        j = (torch.rand(new.numel(), generator=gen, dtype=torch.float64) * idx).long()
+        hit = j < cap
+        pool[j[hit]] = new[hit]  # duplicates: any of the candidates is a valid draw
+        seen += new.numel()
+    return pool, seen
+
+
+def _reservoir_rows(pool: torch.Tensor, rows: torch.Tensor, seen: int, gen: torch.Generator):
+    """Uniform reservoir sample of rows into the fixed-size `pool` [S, K]; `seen` counts rows offered so far."""
+    cap = pool.shape[0]
+    start = 0
+    if seen < cap:
+        take = min(cap - seen, rows.shape[0])
+        pool[seen : seen + take] = rows[:take]
+        start, seen = take, seen + take
+    rest = rows[start:]
+    if rest.shape[0]:
+        idx = torch.arange(seen + 1, seen + 1 + rest.shape[0], dtype=torch.float64)
+        j = (torch.rand(rest.shape[0], generator=gen, dtype=torch.float64) * idx).long()
+        hit = (j < cap).nonzero().flatten()
+        for i in hit.tolist():
+            pool[j[i]] = rest[i]
+        seen += rest.shape[0]
+    return pool, seen
+
+
+class CalibrationRecorder:
+    """Forward hooks that record Linear input statistics of one or more models, keyed by a model name.
+
+    The bucket of each call is read from the model's `timestep` argument (model time in [0, 1]); a model called
+    without one records into bucket 0.
+    """
+
+    def __init__(
+        self,
+        buckets: Sequence[float] = DEFAULT_BUCKETS,
+        sample_tokens: int = 64,
+        probes_per_bucket: int = 1,
+        seed: int = 0,
+    ) -> None:
+        edges = tuple(float(b) for b in buckets)
+        if len(edges) < 2 or any(e2 <= e1 for e1, e2 in zip(edges, edges[1:], strict=False)):
+            raise ConfigError(
+                f"buckets must be increasing edges with at least two values, got {list(buckets)}"
+            )
+        if sample_tokens < 0 or probes_per_bucket < 0:
+            raise ConfigError("sample_tokens and probes_per_bucket must be >= 0")
+        self.buckets = edges
+        self.sample_tokens = sample_tokens
+        self.probes_per_bucket = probes_per_bucket
+        self.gen = torch.Generator().manual_seed(seed)
+        self.acc: dict[str, dict[str, _Accumulator]] = {}
+        self.aliases: dict[str, dict[str, str]] = {}
+        self.probes: dict[str, list[dict[str, torch.Tensor]]] = {}
+        self.fingerprints: dict[str, str] = {}
+        self._probe_count: dict[str, list[int]] = {}
+        self._bucket: dict[str, int] = {}
+        self._last: dict[str, tuple] = {}
+        self._handles: list = []
+
+    @property
+    def n_buckets(self) -> int:
+        return len(self.buckets) - 1
+
+    def bucket_of(self, t: float) -> int:
+        i = bisect.bisect_right(self.buckets, t) - 1
+        return min(max(i, 0), self.n_buckets - 1)
+
+    def attach(self, model: nn.Module, name: str = "transformer") -> CalibrationRecorder:
+        if name in self.acc:
+            raise ConfigError(f"a model named {name!r} is already attached")
+        self.acc[name], self.aliases[name] = {}, {}
+        self.probes[name], self._probe_count[name] = [], [0] * self.n_buckets
+        self._bucket[name] = 0
+        self.fingerprints[name] = fingerprint(linear_shapes(model))
+        self._handles.append(model.register_forward_pre_hook(self._model_hook(name), with_kwargs=True))
+        for mod_name, m in model.named_modules():
+            if is_linear_like(m):
+                self._handles.append(m.register_forward_pre_hook(self._linear_hook(name, mod_name)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._last.clear()
+
+    def _model_hook(self, name: str):
+        def hook(module, args, kwargs):
+            t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+            b = self.bucket_of(float(t.reshape(-1)[0])) if torch.is_tensor(t) else 0
+            self._bucket[name] = b
+            self._last.pop(name, None)
+            if self._probe_count[name][b] < self.probes_per_bucket and torch.is_tensor(t):
+                probe = _probe(args, kwargs)
+                if probe is not None:
+                    self.probes[name].append(probe)
+                    self._probe_count[name][b] += 1
+
+        return hook
+
+    def _linear_hook(self, name: str, mod_name: str):
+        def hook(module, args):
+            x = args[0]
+            last = self._last.get(name)
+            if last is not None and last[0] is x and last[1] == x._version:
+                self.aliases[name][mod_name] = last[2]
+                return
+            self._last[name] = (x, x._version, mod_name)
+            if mod_name in self.aliases[name]:
+                return
+            acc = self.acc[name].get(mod_name)
+            if acc is None:
+                acc = self.acc[name][mod_name] = _Accumulator(
+                    x.shape[-1], self.n_buckets, self.sample_tokens, self.gen
+                )
+            acc.add(x, self._bucket[name])
+
+        return hook
+
+    def result(self, meta: dict | None = None) -> CalibrationStats:
+        modules = {tr: {m: a.finish(QUANTILES) for m, a in mods.items()} for tr, mods in self.acc.items()}
+        info = dict(meta or {})
+        info["models"] = {tr: {"fingerprint": fp} for tr, fp in self.fingerprints.items()}
+        return CalibrationStats(
+            buckets=self.buckets,
+            modules=modules,
+            aliases={tr: dict(a) for tr, a in self.aliases.items()},
+            probes={tr: list(p) for tr, p in self.probes.items()},
+            meta=info,
+        )
+
+
+def _probe(args, kwargs) -> dict[str, torch.Tensor] | None:
+    """A compact copy of a transformer call: text features only at LLM-token rows (the model masks the rest)."""
+    values = dict(zip(PROBE_ARGS, args, strict=False))
+    values.update({k: v for k, v in kwargs.items() if k in PROBE_ARGS})
+    if any(k not in values or not torch.is_tensor(values[k]) for k in PROBE_ARGS):
+        return None
+    out = {k: _dense_copy(values[k]) for k in PROBE_ARGS if k != "encoder_hidden_states"}
+    ehs = values["encoder_hidden_states"].detach().cpu()
+    mask = out["indicator"] == LLM_TOKEN_INDICATOR
+    out["llm_rows"] = _dense_copy(ehs[mask])
+    out["llm_shape"] = torch.tensor(list(ehs.shape), dtype=torch.int64)
+    return out
+
+
+def _dense_copy(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy with standard strides (an expanded `timestep` has stride 0)."""
+    t = t.detach().cpu()
+    return torch.empty(t.shape, dtype=t.dtype).copy_(t)
+
+
+def probe_inputs(
+    probe: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """The keyword arguments of the transformer call a probe recorded."""
+    shape = [int(s) for s in probe["llm_shape"].tolist()]
+    ehs = torch.zeros(shape, dtype=probe["llm_rows"].dtype)
+    ehs[probe["indicator"] == LLM_TOKEN_INDICATOR] = probe["llm_rows"]
+    out = {k: probe[k] for k in PROBE_ARGS if k != "encoder_hidden_states"}
+    out["encoder_hidden_states"] = ehs
+    if dtype is not None:
+        for k in ("hidden_states", "encoder_hidden_states", "timestep"):
+            out[k] = out[k].to(dtype)
+    return out
+
+
+TRANSFORMERS = ("transformer", "unconditional_transformer")
+
+
+def calibrate_pipeline(
+    pipe,
+    captions: Sequence[str],
+    *,
+    height: int = 1024,
+    width: int = 1024,
+    steps: int = 20,
+    guidance_schedule: Sequence[float] | None = None,
+    mu: float = 0.0,
+    std: float = 1.75,
+    max_sequence_length: int | None = None,
+    seed: int = 0,
+    buckets: Sequence[float] = DEFAULT_BUCKETS,
+    sample_tokens: int = 64,
+    probes_per_bucket: int = 1,
+    progress: bool = True,
+) -> CalibrationStats:
+    """Run `pipe` (the reference, e.g. FP8) on each caption with both transformers hooked; returns the statistics.
+
+    Caption i uses seed `seed + i`; the denoising loop is the pipeline's own, so the statistics follow the real
+    sampling schedule (`steps`, `mu`, `std`, resolution).
+    """
+    from tqdm.auto import tqdm
+
+    captions = list(captions)
+    if not captions:
+        raise ConfigError("calibration needs at least one caption (got 0 samples)")
+    schedule = list(guidance_schedule) if guidance_schedule is not None else [7.0] * steps
+    if len(schedule) != steps:
+        raise ConfigError(f"guidance_schedule has {len(schedule)} entries, expected steps={steps}")
+    if max_sequence_length is None:
+        info = getattr(pipe, "ditq_info", None)
+        max_sequence_length = getattr(info, "max_sequence_length", 2048)
+    rec = CalibrationRecorder(buckets, sample_tokens, probes_per_bucket, seed)
+    for name in TRANSFORMERS:
+        rec.attach(getattr(pipe, name), name)
+    try:
+        with torch.no_grad():
+            for i, caption in enumerate(tqdm(captions, desc="calibrating", disable=not progress)):
+                pipe(
+                    prompt=caption,
+                    height=height,
+                    width=width,
+                    num_inference_steps=steps,
+                    guidance_scale=None,
+                    guidance_schedule=schedule,
+                    mu=mu,
+                    std=std,
+                    max_sequence_length=max_sequence_length,
+                    generator=torch.Generator().manual_seed(seed + i),
+                    output_type="latent",
+                )
+    finally:
+        rec.detach()
+    settings = {
+        "height": height,
+        "width": width,
+        "steps": steps,
+        "guidance_schedule": schedule,
+        "mu": mu,
+        "std": std,
+        "max_sequence_length": max_sequence_length,
+        "seed": seed,
+    }
+    return rec.result(
+        {"samples": len(captions), "captions_sha256": captions_hash(captions), "settings": settings}
+    )

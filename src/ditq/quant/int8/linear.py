@@ -1,0 +1,299 @@
+"""INT8 W8A8 linear layer: int8 weights with one fp32 scale per output channel, int8 activations with one scale per
+token computed at run time, an int32-accumulating GEMM (`torch._int_mm`), then rescale and bias.
+
+For a token x [K] and output channel n with weight row w_n [K]::
+
+    Δw_n = max_k |w_nk| / 127        w_q = round(w / Δw_n)          (once, offline)
+    Δx   = max_k |x_k / s_k| / 127   x_q = round(x / s / Δx)        (per token, at run time)
+    y_n  = Δx · Δw_n · Σ_k x_q,k · w_q,nk + b_n                     (int32 sum, exact)
+
+`s` [K] is an optional smoothing vector (SmoothQuant) for layers whose smoothing cannot be folded into a
+neighbouring weight; it is fused into the activation quantization (the stored weight is then `w · s`).
+
+Backends, chosen per call:
+- `numba` (CPU, bf16/fp32 input): one-pass quantization and rescale kernels around `torch._int_mm`.
+- `torch` (any device with `_int_mm`): the same arithmetic with torch ops; CUDA operands are zero-padded to the
+  shapes cuBLASLt accepts (M > 16, K and N multiples of 8).
+- `dequant`: where no int8 GEMM exists, the int32 sums are computed exactly with float32 GEMMs over K-chunks of
+  1024 (every partial sum < 2**24), so the result equals `_int_mm`'s bit for bit. Logged once per device type.
+All three give identical outputs; the tests check it.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ditq.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+INT8_MAX = 127
+KERNELS = ("auto", "numba", "torch", "dequant")
+# Largest K-chunk whose int8 x int8 partial sums stay exact in float32: 1024 * 127 * 127 < 2**24.
+_EXACT_F32_CHUNK = 1024
+# cuBLASLt int8 GEMM shape rules (torch._int_mm on CUDA).
+CUDA_ALIGNMENT = {"min_rows": 17, "multiple": 8}
+
+
+def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float weight [N, K] -> (int8 [N, K], fp32 scale [N]) with scale = row absmax / 127 (1 for all-zero rows)."""
+    w = weight.float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    q = torch.round(w / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def quantize_per_token(
+    x: torch.Tensor, inv_smooth: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations [M, K] -> (int8 [M, K], fp32 scale [M]); the reference arithmetic of every backend."""
+    xf = x.float()
+    if inv_smooth is not None:
+        xf = xf * inv_smooth
+    amax = xf.abs().amax(dim=1)
+    scale = amax / float(INT8_MAX)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    inv = 1.0 / scale
+    q = torch.round(xf * inv[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def exact_int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 [M, K] @ int8 [K, N] -> int32 [M, N] without an int8 GEMM: float32 GEMMs over exact K-chunks."""
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int32, device=a.device)
+    for k0 in range(0, a.shape[1], _EXACT_F32_CHUNK):
+        k1 = k0 + _EXACT_F32_CHUNK
+        out += torch.mm(a[:, k0:k1].float(), b[k0:k1].float()).to(torch.int32)
+    return out
+
+
+def pad_for_int_mm(
+    a: torch.Tensor, b: torch.Tensor, min_rows: int, multiple: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad a [M, K] and b [K, N] so that M >= min_rows and K, N are multiples of `multiple` (zeros add 0)."""
+    m, k = a.shape
+    n = b.shape[1]
+    pad_m = max(min_rows - m, 0)
+    pad_k = -k % multiple
+    pad_n = -n % multiple
+    if pad_m or pad_k:
+        a = F.pad(a, (0, pad_k, 0, pad_m))
+    if pad_k or pad_n:
+        b = F.pad(b, (0, pad_n, 0, pad_k))
+    return a.contiguous(), b.contiguous()
+
+
+@cache
+def _int_mm_works(device_type: str) -> bool:
+    """Whether `torch._int_mm` runs on this device type (probed once with aligned shapes)."""
+    try:
+        a = torch.ones(32, 16, dtype=torch.int8, device=device_type)
+        b = torch.ones(16, 16, dtype=torch.int8, device=device_type)
+        return bool(torch._int_mm(a, b)[0, 0].item() == 16)
+    except (RuntimeError, NotImplementedError) as exc:
+        log.warning(
+            "int8 GEMM (torch._int_mm) is unavailable on %s (%s); INT8 layers use the exact dequantized path",
+            device_type,
+            str(exc).splitlines()[0][:120],
+        )
+        return False
+
+
+@cache
+def _numba_kernels():
+    try:
+        from ditq.quant.int8 import _kernels
+    except ImportError as exc:  # pragma: no cover - numba is a declared dependency
+        log.warning("numba kernels unavailable (%s); using torch ops on CPU", exc)
+        return None
+    return _kernels
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
+    """int8 [M, K] @ int8 [K, N] -> int32 [M, N], exact on every backend."""
+    dev = a.device.type
+    if kernel == "dequant" or not _int_mm_works(dev):
+        return exact_int_matmul(a, b)
+    if dev == "cuda":
+        m, n = a.shape[0], b.shape[1]
+        ap, bp = pad_for_int_mm(a, b, **CUDA_ALIGNMENT)
+        return torch._int_mm(ap, bp)[:m, :n]
+    return torch._int_mm(a.contiguous(), b)
+
+
+def rescale(
+    acc: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """int32 [M, N] -> out_dtype: ((acc * x_scale[m]) * w_scale[n]) + bias[n], in float32."""
+    y = acc.float() * x_scale[:, None] * w_scale[None, :]
+    if bias is not None:
+        y = y + bias
+    return y.to(out_dtype)
+
+
+class Int8Linear(nn.Module):
+    """A Linear computing `x @ W.T + b` in W8A8.
+
+    Buffers: `qweight_t` int8 [K, N] (the transposed weight, contiguous: the layout `torch._int_mm` is fastest
+    with), `weight_scale` fp32 [N], `bias` fp32 [N] or None, `inv_smooth` fp32 [K] or None (1 / smoothing
+    vector). Scales, bias and smoothing stay float32 whatever `.to(dtype)` is applied to the model.
+    """
+
+    _FP32_BUFFERS = ("weight_scale", "bias", "inv_smooth")
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        smooth: torch.Tensor | None = None,
+        kernel: str = "auto",
+    ) -> None:
+        super().__init__()
+        if qweight.dtype != torch.int8 or qweight.ndim != 2:
+            raise CheckpointError(
+                f"INT8 weight must be int8 [N, K], got {qweight.dtype} {list(qweight.shape)}"
+            )
+        if kernel not in KERNELS:
+            raise ConfigError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        n, k = qweight.shape
+        scale = weight_scale.float().reshape(-1)
+        if scale.numel() == 1 and n != 1:
+            scale = scale.expand(n).clone()
+        if scale.numel() != n:
+            raise CheckpointError(
+                f"weight_scale has {scale.numel()} values, expected one per output row ({n})"
+            )
+        if bias is not None and bias.numel() != n:
+            raise CheckpointError(f"bias has {bias.numel()} values, expected {n}")
+        if smooth is not None and smooth.numel() != k:
+            raise ConfigError(f"smoothing vector has {smooth.numel()} values, expected in_features={k}")
+        self.out_features, self.in_features = n, k
+        self.kernel = kernel
+        self.register_buffer("qweight_t", qweight.t().contiguous())
+        self.register_buffer("weight_scale", scale.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.float().reshape(-1).contiguous())
+        inv = None if smooth is None else (1.0 / smooth.float().reshape(-1)).contiguous()
+        self.register_buffer("inv_smooth", inv)
+
+    @classmethod
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        smooth: torch.Tensor | None = None,
+        kernel: str = "auto",
+    ) -> Int8Linear:
+        """Quantize a float weight [N, K]; with `smooth` [K], the stored weight is `weight * smooth`."""
+        w = weight.float()
+        if smooth is not None:
+            w = w * smooth.float()[None, :]
+        q, scale = quantize_weight_per_channel(w)
+        return cls(q, scale, bias, smooth, kernel)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The int8 weight [N, K] (a transposed view of `qweight_t`)."""
+        return self.qweight_t.t()
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight [N, K] this layer applies to its (unsmoothed) input."""
+        w = self.qweight_t.t().float() * self.weight_scale[:, None]
+        if self.inv_smooth is not None:
+            w = w * self.inv_smooth[None, :]
+        return w.to(dtype)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name in self._FP32_BUFFERS:
+            t = self._buffers.get(name)
+            if t is not None and t.dtype != torch.float32:
+                self._buffers[name] = t.float()
+        return self
+
+    def _backend(self, x: torch.Tensor) -> str:
+        if self.kernel != "auto":
+            return self.kernel
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and _numba_kernels():
+            return "numba"
+        return "torch"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] == 0:
+            return x.new_zeros(*shape[:-1], self.out_features)
+        backend = self._backend(x2)
+        if backend == "numba" and x2.device.type == "cpu" and x2.dtype in (torch.bfloat16, torch.float32):
+            y = self._forward_numba(x2)
+        else:
+            xq, xs = quantize_per_token(x2, self.inv_smooth)
+            acc = int8_matmul(xq, self.qweight_t, "dequant" if backend == "dequant" else "auto")
+            y = rescale(acc, xs, self.weight_scale, self.bias, x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def _forward_numba(self, x2: torch.Tensor) -> torch.Tensor:
+        kern = _numba_kernels()
+        x2 = x2.contiguous()
+        m, k = x2.shape
+        n = self.out_features
+        inv_smooth = self.inv_smooth if self.inv_smooth is not None else _ones(k)
+        xq = torch.empty(m, k, dtype=torch.int8)
+        xs = torch.empty(m, dtype=torch.float32)
+        if x2.dtype == torch.bfloat16:
+            kern.quantize_rows_bf16(
+                x2.view(torch.int16).numpy().view("uint16"), inv_smooth.numpy(), xq.numpy(), xs.numpy(), 0
+            )
+        else:
+            kern.quantize_rows_f32(x2.numpy(), inv_smooth.numpy(), xq.numpy(), xs.numpy(), 0)
+        acc = (
+            torch._int_mm(xq, self.qweight_t)
+            if _int_mm_works("cpu")
+            else exact_int_matmul(xq, self.qweight_t)
+        )
+        bias = self.bias if self.bias is not None else _zeros(n)
+        comp = _zeros_i32(n)
+        out = torch.empty(m, n, dtype=x2.dtype)
+        if x2.dtype == torch.bfloat16:
+            kern.rescale_to_bf16(
+                acc.numpy(),
+                comp.numpy(),
+                xs.numpy(),
+                self.weight_scale.numpy(),
+                bias.numpy(),
+                out.view(torch.int16).numpy().view("uint16"),
+            )
+        else:
+            kern.rescale_to_f32(
+                acc.numpy(), comp.numpy(), xs.numpy(), self.weight_scale.numpy(), bias.numpy(), out.numpy()
+            )
+        return out
+
+    def extra_repr(self) -> str:
+        smooth = ", smoothed" if self.inv_smooth is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, w8a8{smooth}, kernel={self.kernel}"
+
+
+@cache
+def _ones(k: int) -> torch.Tensor:
+    return torch.ones(k, dtype=torch.float32)
+
+
+@cache
+def _zeros(n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.float32)
+
+
+@cache
+def _zeros_i32(n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.int32)
