@@ -49,7 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Third-party loggers that report optional CUDA kernels missing on CPU machines at import time.
+_QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "bitsandbytes", "diffusers", "transformers")
+
+
+def _quiet_imports(verbose: int) -> None:
+    if verbose >= 2:
+        return
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torchao")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_imports(sum(a in ("-vv",) for a in (argv if argv is not None else sys.argv[1:])) * 2)
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)

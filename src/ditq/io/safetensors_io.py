@@ -240,6 +240,7 @@ class StreamingSafetensorsWriter:
                 f"{self.path}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, declared {dtype} {list(shape)}"
             )
         t = tensor.detach().contiguous().cpu()
+        t = t.reshape(-1)
         data = t.view(torch.uint8) if t.dtype != torch.bool else t.to(torch.uint8)
         self._f.write(data.numpy().tobytes())
         self._next += 1

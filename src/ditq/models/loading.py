@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 TRANSFORMERS = ("transformer", "unconditional_transformer")
 REQUIRED = ("scheduler", "vae", "text_encoder", "tokenizer", "transformer", "unconditional_transformer")
 OFFICIAL_FP8 = "ideogram-ai/ideogram-4-fp8"
+# Bump when the tiny factory changes, so cached tiny folders are rebuilt.
+TINY_BUILDER_VERSION = 1
 
 
 @dataclass
@@ -38,6 +40,7 @@ class PipelineInfo:
     formats: dict[str, dict[str, int]] = field(default_factory=dict)
     recipe: dict | None = None
     max_sequence_length: int = 2048
+    default_size: int = 1024
 
     @property
     def variant(self) -> str:
@@ -93,10 +96,12 @@ def ensure_tiny_folder(seed: int = 0) -> Path:
     from ditq.models.tiny import build_tiny_pipeline
 
     folder = cache_dir() / f"tiny-fp8-seed{seed}"
-    if (folder / "model_index.json").exists():
+    marker = folder / "ditq_tiny.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("builder") == TINY_BUILDER_VERSION:
         return folder
     log.info("building the tiny pipeline in %s", folder)
-    save_official_fp8(build_tiny_pipeline(seed=seed), folder)
+    marker = {"builder": TINY_BUILDER_VERSION, "seed": seed, "max_sequence_length": 512, "default_size": 64}
+    save_official_fp8(build_tiny_pipeline(seed=seed), folder, tiny_marker=marker)
     return folder
 
 
@@ -224,6 +229,8 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)
     tiny_cfg = folder / "ditq_tiny.json"
     if tiny_cfg.is_file():
-        info.max_sequence_length = int(json.loads(tiny_cfg.read_text()).get("max_sequence_length", 2048))
+        tiny = json.loads(tiny_cfg.read_text())
+        info.max_sequence_length = int(tiny.get("max_sequence_length", 2048))
+        info.default_size = int(tiny.get("default_size", 1024))
     pipe.ditq_info = info
     return pipe

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from ditq.interop.keys import split_to_fused
@@ -50,8 +51,11 @@ def dequantized_copy_(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_official_fp8(pipe, folder: str | Path) -> Path:
-    """Save `pipe` in the official FP8 layout; written to a temporary folder and renamed when complete."""
+def save_official_fp8(pipe, folder: str | Path, tiny_marker: dict | None = None) -> Path:
+    """Save `pipe` in the official FP8 layout; written to a temporary folder and renamed when complete.
+
+    `tiny_marker` (for the built-in tiny model) is written as `ditq_tiny.json`: default size and text length.
+    """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=folder.parent))
@@ -63,6 +67,11 @@ def save_official_fp8(pipe, folder: str | Path) -> Path:
                 f.unlink()
             state = split_to_fused(fp8_state_dict(getattr(pipe, name)))
             save_safetensors(comp / WEIGHTS_NAME, state, {"format": "pt"})
+        vae_file = tmp / "vae" / WEIGHTS_NAME
+        vae_state = {
+            k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(vae_file).items()
+        }
+        save_safetensors(vae_file, vae_state, {"format": "pt"})
         te = tmp / "text_encoder"
         for f in list(te.glob("*.safetensors")) + list(te.glob("*.index.json")):
             f.unlink()
@@ -70,8 +79,8 @@ def save_official_fp8(pipe, folder: str | Path) -> Path:
         cfg = json.loads((te / "config.json").read_text())
         cfg["ideogram_fp8_weight_only"] = True
         (te / "config.json").write_text(json.dumps(cfg, indent=2))
-        if hasattr(pipe, "ditq_tiny_spec") or pipe.transformer.config.num_layers < 8:
-            (tmp / "ditq_tiny.json").write_text(json.dumps({"max_sequence_length": 512}))
+        if tiny_marker is not None:
+            (tmp / "ditq_tiny.json").write_text(json.dumps(tiny_marker))
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)

@@ -1,0 +1,149 @@
+"""`ditq generate`: images from one prompt or a prompts file, with settings recorded in PNG text chunks."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ditq.errors import ConfigError
+
+
+def add_common_model_args(p) -> None:
+    p.add_argument("--model", default="tiny", help="'tiny' (default), a pipeline folder or a hub id")
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1 ...")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype (default bf16)")
+    p.add_argument(
+        "--fp8-compute",
+        default="dequant",
+        choices=("dequant", "scaled_mm"),
+        help="FP8 layers: dequantize per layer (default, any GPU) or torch._scaled_mm (FP8 tensor cores)",
+    )
+
+
+def add_sampling_args(p) -> None:
+    p.add_argument(
+        "--preset", default="default20", help="sampler preset: quality48, default20 (default), turbo12"
+    )
+    p.add_argument("--steps", type=int, help="number of steps (overrides the preset)")
+    p.add_argument(
+        "--guidance", help="guidance: a number, or a schedule like '18x7,2x3' (overrides the preset)"
+    )
+    p.add_argument("--height", type=int, help="image height (default: 1024; 64 for the tiny model)")
+    p.add_argument("--width", type=int, help="image width (default: 1024; 64 for the tiny model)")
+    p.add_argument("--mu", type=float, help="logit-normal schedule mean (overrides the preset)")
+    p.add_argument("--std", type=float, help="logit-normal schedule std (overrides the preset)")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate images", description=__doc__)
+    add_common_model_args(p)
+    add_sampling_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt (a raw string or a JSON caption)")
+    src.add_argument(
+        "--prompts", type=Path, help="a .txt file (one prompt per line) or .jsonl (caption/prompt field)"
+    )
+    p.add_argument("--seed", default="0", help="seed, or comma-separated seeds (default 0)")
+    p.add_argument("-o", "--output", type=Path, default=Path("out"), help="output folder (default ./out)")
+    p.set_defaults(func=run)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def settings_from_args(args, pipe):
+    from ditq.models.sampling import SamplingSettings, parse_guidance
+
+    info = pipe.ditq_info
+    overrides = {
+        "height": args.height or info.default_size,
+        "width": args.width or info.default_size,
+        "max_sequence_length": info.max_sequence_length,
+    }
+    base = SamplingSettings.from_preset(args.preset, **overrides)
+    steps = args.steps or base.steps
+    if args.guidance:
+        schedule = tuple(parse_guidance(args.guidance, steps))
+    elif args.steps and args.steps != base.steps:
+        # keep the preset's shape: the last ~10% of the steps at the low guidance
+        low = (
+            max(1, round(steps * sum(g < 7 for g in base.guidance_schedule) / base.steps)) if steps > 1 else 0
+        )
+        schedule = (7.0,) * (steps - low) + (3.0,) * low
+    else:
+        schedule = base.guidance_schedule
+    return SamplingSettings(
+        height=overrides["height"],
+        width=overrides["width"],
+        steps=steps,
+        guidance_schedule=schedule,
+        mu=base.mu if args.mu is None else args.mu,
+        std=base.std if args.std is None else args.std,
+        max_sequence_length=overrides["max_sequence_length"],
+    )
+
+
+def read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise ConfigError(f"--prompts {path}: no such file")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix != ".jsonl":
+        return [line for line in lines if line.strip()]
+    prompts = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
+        text = rec.get("caption") or rec.get("prompt") if isinstance(rec, dict) else None
+        if not isinstance(text, str):
+            raise ConfigError(f"{path}:{i}: expected a JSON object with a 'caption' or 'prompt' string")
+        prompts.append(text)
+    return prompts
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seed {text!r}: expected an integer or comma-separated integers") from None
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from ditq.models.loading import load_pipeline
+    from ditq.models.sampling import check_size, generate, png_metadata
+
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    seeds = parse_seeds(args.seed)
+    pipe = load_pipeline(
+        args.model, device=args.device, dtype=torch_dtype(args.dtype), fp8_compute=args.fp8_compute
+    )
+    settings = settings_from_args(args, pipe)
+    check_size(pipe, settings)
+    args.output.mkdir(parents=True, exist_ok=True)
+    jobs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
+    for i, prompt, seed in tqdm(jobs, desc="generate", unit="img", disable=len(jobs) < 2):
+        image = generate(pipe, prompt, seed, settings)
+        path = args.output / f"{i:03d}_s{seed}.png"
+        meta = png_metadata(
+            prompt=prompt,
+            seed=seed,
+            model=args.model,
+            variant=pipe.ditq_info.variant,
+            settings=settings.to_dict(),
+            dtype=args.dtype,
+            device=str(args.device),
+        )
+        tmp = path.with_name(path.name + ".partial")
+        image.save(tmp, format="PNG", pnginfo=meta)
+        os.replace(tmp, path)
+        print(path)
+    return 0
