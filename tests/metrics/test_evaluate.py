@@ -190,6 +190,15 @@ def test_missing_images_are_reported_not_fatal(run_dir, caplog):
     assert result.missing_images == ["images/fp8/json/sale_s0.png"]
 
 
+def test_resolve_metrics_accepts_names_objects_and_comma_lists():
+    from ditq.metrics import resolve_metrics
+
+    psnr_metric = METRICS.get("psnr")
+    assert resolve_metrics("psnr, ssim") == [psnr_metric, METRICS.get("ssim")]
+    assert resolve_metrics(["psnr", psnr_metric]) == [psnr_metric]
+    assert [m.name for m in resolve_metrics(None)] == METRICS.names()
+
+
 def test_unknown_metric_lists_known_names(run_dir):
     with pytest.raises(ConfigError, match="unknown metric 'nope'; known: clip_score, hpsv2, lpips"):
         evaluate_run(run_dir, ["psnr", "nope"], progress=False)

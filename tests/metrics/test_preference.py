@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -301,3 +304,52 @@ def test_hpsv2_checkpoint_folder_and_environment(tmp_path, monkeypatch, tiny_pro
     metric = HPSv2(text_heads=HEADS, vision_heads=HEADS)
     assert metric.status().available
     metric.load("cpu")
+
+
+def _cache_repo(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
+    """Lay out files as the Hugging Face hub cache does: models--org--name/{refs/main, snapshots/<rev>/}."""
+    revision = "0" * 40
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for name, source in files.items():
+        shutil.copy(source, snapshot / name)
+
+
+def test_default_sources_load_from_the_hub_cache(
+    tmp_path, monkeypatch, tiny_clip_folder, tiny_processor, images
+):
+    """Hub ids resolve through the local cache only: the default HPSv2 and PickScore sources, laid out there."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    for name in (
+        "DITQ_HPSV2_CHECKPOINT",
+        "DITQ_HPSV2_PROCESSOR",
+        "DITQ_PICKSCORE_MODEL",
+        "DITQ_PICKSCORE_PROCESSOR",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    assert "xswu/HPSv2" in HPSv2().status().reason
+
+    torch.save({"state_dict": _openclip_state_dict()}, tmp_path / "HPS_v2.1_compressed.pt")
+    _cache_repo(cache, "xswu/HPSv2", {"HPS_v2.1_compressed.pt": tmp_path / "HPS_v2.1_compressed.pt"})
+    _cache_repo(
+        cache,
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        {p.name: p for p in tiny_processor.iterdir() if p.is_file()},
+    )
+    _cache_repo(
+        cache, "yuvalkirstain/PickScore_v1", {p.name: p for p in tiny_clip_folder.iterdir() if p.is_file()}
+    )
+
+    hps = HPSv2(text_heads=HEADS, vision_heads=HEADS)
+    assert hps.status().available
+    assert all(np.isfinite(hps.score(_items(images))))
+    pick = PickScore()
+    assert pick.status().available
+    logits, _ = _clip_logits(tiny_clip_folder, images, PROMPTS)
+    assert pick.score(_items(images)) == pytest.approx(logits, rel=1e-4, abs=1e-4)

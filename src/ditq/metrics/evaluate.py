@@ -63,6 +63,8 @@ def resolve_metrics(metrics: Iterable[str | Metric] | None) -> list[Metric]:
     """Metric objects for names or objects (None: every registered metric); unknown names raise ConfigError."""
     if metrics is None:
         return [METRICS.get(name) for name in METRICS]
+    if isinstance(metrics, str):  # "psnr,ssim"
+        metrics = [name.strip() for name in metrics.split(",") if name.strip()]
     resolved: list[Metric] = []
     for entry in metrics:
         metric = METRICS.get(entry) if isinstance(entry, str) else entry
