@@ -13,7 +13,7 @@ import ditq.gguf as G
 from ditq.errors import CheckpointError, ConfigError
 
 DATA = Path(__file__).parent.parent / "data" / "kquants"
-REFERENCE_TYPES = ["Q8_0", "Q4_K", "Q5_K"]
+REFERENCE_TYPES = ["Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
 
 @pytest.fixture(scope="module")

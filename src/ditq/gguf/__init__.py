@@ -8,7 +8,7 @@ GGUFFile(path)                                                           checked
 
 from __future__ import annotations
 
-from ditq.gguf import floats, q4_k, q8_0  # noqa: F401  (registers the codecs)
+from ditq.gguf import floats, q2_k, q3_k, q4_k, q6_k, q8_0  # noqa: F401  (registers the codecs)
 from ditq.gguf.codec import (
     BLOCK_LAYOUT,
     BlockCodec,

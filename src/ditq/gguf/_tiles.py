@@ -108,3 +108,24 @@ def put_scale_min_k4(block, off, j, ls, lm):
         block[off + j + 4] = np.uint8((ls & 0xF) | ((lm & 0xF) << 4))
         block[off + j - 4] |= np.uint8(((ls >> 4) << 6) & 0xFF)
         block[off + j] |= np.uint8(((lm >> 4) << 6) & 0xFF)
+
+
+@numba.njit(inline="always", **JIT)
+def level16(L, s, e):
+    """Level of element e (0..255) of super-block s in a tile of 16-value sub-blocks."""
+    return L[e % 16, (e // 16) * TB + s]
+
+
+@numba.njit(inline="always", **JIT)
+def pack_2bit(L, s, o, off):
+    """o[off:off+64] = the low 2 bits of the 256 levels of super-block s, four a byte: byte 32*h + l holds
+    values 128*h + l + 32*k in bits 2k..2k+1 (the Q2_K / Q3_K qs layout)."""
+    for h in range(2):
+        for i in range(32):
+            e = 128 * h + i
+            o[off + 32 * h + i] = np.uint8(
+                (level16(L, s, e) & 3)
+                | ((level16(L, s, e + 32) & 3) << 2)
+                | ((level16(L, s, e + 64) & 3) << 4)
+                | ((level16(L, s, e + 96) & 3) << 6)
+            )
