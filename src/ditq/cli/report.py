@@ -1,0 +1,56 @@
+"""`ditq report RUN`: write the benchmark report (index.html, report.md, pareto.png, grids/) of a scored run."""
+
+from __future__ import annotations
+
+import argparse
+
+from ditq.report import StatsSettings, build_report
+from ditq.stats import DEFAULT_RESAMPLES, DEFAULT_SEED
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="write the HTML/Markdown benchmark report of a run folder",
+        description="Write RUN/report/index.html and report.md: variant table with bootstrap CIs, paired "
+        "differences (Holm-adjusted), quality-memory Pareto plot, per-category text rendering, caption "
+        "ablation, image grids, run settings and methods.",
+    )
+    p.add_argument("run", metavar="RUN", help="run folder written by `ditq run` and scored by `ditq eval`")
+    p.add_argument("-o", "--out", metavar="DIR", default=None, help="output folder (default: RUN/report)")
+    p.add_argument(
+        "--quality-metric",
+        metavar="NAME",
+        default=None,
+        help="metric on the Pareto plot's y axis (default: first available of HPSv2, PickScore, CLIP score, "
+        "LPIPS, PSNR)",
+    )
+    p.add_argument(
+        "--memory",
+        choices=("resident", "disk"),
+        default="resident",
+        help="Pareto x axis: resident memory or bytes on disk per transformer (default: resident)",
+    )
+    p.add_argument(
+        "--resamples", type=int, default=DEFAULT_RESAMPLES, help="bootstrap resamples (default 10000)"
+    )
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="bootstrap seed, recorded in the report")
+    p.add_argument("--grid-prompts", type=int, default=4, help="prompts shown as image grids (default 4)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = StatsSettings(n_resamples=args.resamples, seed=args.seed)
+    paths = build_report(
+        args.run,
+        args.out,
+        quality_metric=args.quality_metric,
+        memory=args.memory,
+        settings=settings,
+        grid_prompts=args.grid_prompts,
+    )
+    print(f"report: {paths.index_html}")
+    print(f"markdown: {paths.markdown}")
+    if paths.pareto_png is None:
+        print("pareto plot: none (see the report's Pareto section)")
+    return 0

@@ -1,0 +1,84 @@
+"""How numbers, intervals, sizes and missing values appear in report cells."""
+
+from __future__ import annotations
+
+import math
+
+from ditq.report.analysis import Missing
+from ditq.report.document import Cell
+from ditq.report.inputs import MetricInfo, VariantInfo
+from ditq.stats import BootstrapCI
+
+TRANSFORMER = "transformer"
+
+
+def fmt_num(x: float) -> str:
+    if not math.isfinite(x):
+        return "n/a"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.4g}"
+
+
+def fmt_p(p: float) -> str:
+    if not math.isfinite(p):
+        return "n/a"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def ci_text(ci: BootstrapCI) -> str:
+    if ci.n < 2:
+        return f"{fmt_num(ci.estimate)} (n=1, no CI)"
+    return f"{fmt_num(ci.estimate)} [{fmt_num(ci.low)}, {fmt_num(ci.high)}]"
+
+
+def ci_cell(value: BootstrapCI | Missing) -> Cell:
+    """The mean on one line and its interval on a second (HTML) or after it (Markdown)."""
+    if isinstance(value, Missing):
+        return missing_cell(value)
+    level = f"{100 * value.confidence_level:g}%"
+    title = (
+        f"mean over {value.n} prompts, {level} {value.method} bootstrap CI ({value.n_resamples} resamples)"
+    )
+    if value.n < 2:
+        return Cell(fmt_num(value.estimate), sub="(n=1, no CI)", title=title, css="num")
+    interval = f"[{fmt_num(value.low)}, {fmt_num(value.high)}]"
+    return Cell(fmt_num(value.estimate), sub=interval, title=title, css="num")
+
+
+def missing_cell(missing: Missing, *, span: bool = False) -> Cell:
+    return Cell(missing.text, css="unavailable" if missing.kind == "unavailable" else None, span=span)
+
+
+def arrow(info: MetricInfo) -> str:
+    return "↑" if info.higher_is_better else "↓"
+
+
+def metric_header(info: MetricInfo) -> Cell:
+    parts = [f"{info.family} metric", "higher is better" if info.higher_is_better else "lower is better"]
+    if info.reference:
+        parts.append(f"measured against {info.reference}")
+    if info.model:
+        parts.append(f"model: {info.model}")
+    return Cell(f"{info.name} {arrow(info)}", title="; ".join(parts))
+
+
+def transformer_bytes(sizes: dict[str, int]) -> int | None:
+    """Bytes of the (conditional) transformer: the 'transformer' component, or the only component listed."""
+    if TRANSFORMER in sizes:
+        return sizes[TRANSFORMER]
+    if len(sizes) == 1:
+        return next(iter(sizes.values()))
+    return None
+
+
+def bytes_cell(sizes: dict[str, int]) -> Cell:
+    n = transformer_bytes(sizes)
+    detail = "; ".join(f"{component}: {b:,} bytes" for component, b in sizes.items())
+    if n is None:
+        return Cell("unknown", title=detail or "run.json lists no sizes for this variant", css="unavailable")
+    return Cell(f"{n / 1e9:.2f} GB", title=detail, css="num bytes")
+
+
+def memory_of(variant: VariantInfo, memory: str) -> int | None:
+    return transformer_bytes(variant.resident_bytes if memory == "resident" else variant.bytes_on_disk)

@@ -1,0 +1,293 @@
+"""Reading a run folder (run.json, scores.csv, metrics.json, prompts.jsonl, manifest.jsonl) for the report.
+
+Layout: docs/DESIGN.md, "Run folders". Only run.json is required; a run that has not been scored yet (no
+scores.csv, or one with a header only) loads with an empty score table and the report says so. Inconsistent
+input raises `RunFolderError` naming the file, the line or field, and what was expected.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ditq.errors import DitqError
+
+SCORE_COLUMNS = ("variant", "prompt_id", "seed", "caption_mode", "category", "metric", "value")
+FAMILIES = ("fidelity", "text", "preference")
+
+# (variant, caption_mode, metric) -> {(prompt_id, seed): value}
+CellKey = tuple[str, str, str]
+Observation = tuple[str, int]
+
+
+class RunFolderError(DitqError):
+    """A run folder file is missing, malformed, or inconsistent with run.json."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class VariantInfo:
+    """One benchmarked pipeline: sizes are {component: bytes}, e.g. {"transformer": 9583465712, ...}."""
+
+    name: str
+    model: str | None
+    format: str | None
+    bytes_on_disk: dict[str, int]
+    resident_bytes: dict[str, int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricInfo:
+    """A metric's entry in metrics.json. `reference` names the variant a fidelity metric compares against."""
+
+    name: str
+    available: bool
+    reason: str | None
+    higher_is_better: bool
+    reference: str | None
+    family: str
+    model: str | None
+
+
+@dataclass
+class ScoreTable:
+    """scores.csv indexed by (variant, caption_mode, metric); non-finite values are dropped and counted."""
+
+    cells: dict[CellKey, dict[Observation, float]] = field(default_factory=dict)
+    category: dict[str, str] = field(default_factory=dict)
+    dropped_nonfinite: dict[tuple[str, str], int] = field(default_factory=dict)
+    n_rows: int = 0
+
+    def observations(
+        self, variant: str, caption_mode: str, metric: str, category: str | None = None
+    ) -> dict[Observation, float]:
+        """{(prompt_id, seed): value} for one variant, caption mode and metric (optionally one category)."""
+        obs = self.cells.get((variant, caption_mode, metric), {})
+        if category is None:
+            return obs
+        return {key: v for key, v in obs.items() if self.category.get(key[0]) == category}
+
+    def caption_modes(self) -> list[str]:
+        return sorted({mode for _v, mode, _m in self.cells})
+
+    def metrics(self) -> list[str]:
+        return list(dict.fromkeys(metric for _v, _mode, metric in self.cells))
+
+    def categories(self, metric: str | None = None) -> list[str]:
+        prompts = {p for (_v, _mode, m), obs in self.cells.items() if metric in (None, m) for p, _s in obs}
+        return sorted({self.category[p] for p in prompts if p in self.category})
+
+
+@dataclass(kw_only=True)
+class RunData:
+    """Everything the report reads from a run folder."""
+
+    root: Path
+    suite: str | None
+    prompt_ids: list[str]
+    seeds: list[int]
+    caption_modes: list[str]
+    settings: dict[str, Any]
+    variants: dict[str, VariantInfo]
+    reference_variant: str | None
+    ditq_version: str | None
+    extra: dict[str, Any]
+    prompts: dict[str, dict[str, Any]]
+    manifest: list[dict[str, Any]]
+    metrics: dict[str, MetricInfo]
+    scores: ScoreTable
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RunFolderError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RunFolderError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise RunFolderError(f"{path}:{lineno}: expected a JSON object per line")
+        records.append(record)
+    return records
+
+
+def _byte_counts(value: Any, where: str) -> dict[str, int]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RunFolderError(f"{where}: expected {{component: bytes}}, got {type(value).__name__}")
+    out = {}
+    for component, n in value.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise RunFolderError(
+                f"{where}.{component}: expected a non-negative integer byte count, got {n!r}"
+            )
+        out[str(component)] = n
+    return out
+
+
+def _load_variants(raw: Any, path: Path) -> dict[str, VariantInfo]:
+    if not isinstance(raw, dict) or not raw:
+        raise RunFolderError(f"{path}: field 'variants' must be a non-empty object {{name: {{...}}}}")
+    variants = {}
+    for name, spec in raw.items():
+        if not isinstance(spec, dict):
+            raise RunFolderError(f"{path}: variants.{name} must be an object")
+        variants[name] = VariantInfo(
+            name=name,
+            model=None if spec.get("model") is None else str(spec["model"]),
+            format=None if spec.get("format") is None else str(spec["format"]),
+            bytes_on_disk=_byte_counts(spec.get("bytes_on_disk"), f"{path}: variants.{name}.bytes_on_disk"),
+            resident_bytes=_byte_counts(
+                spec.get("resident_bytes"), f"{path}: variants.{name}.resident_bytes"
+            ),
+        )
+    return variants
+
+
+def _load_metrics(path: Path) -> dict[str, MetricInfo]:
+    if not path.is_file():
+        return {}
+    raw = _read_json(path)
+    if isinstance(raw, dict) and isinstance(raw.get("metrics"), dict):
+        raw = raw["metrics"]
+    if not isinstance(raw, dict):
+        raise RunFolderError(f"{path}: expected an object {{metric name: {{available, reason, ...}}}}")
+    metrics = {}
+    for name, spec in raw.items():
+        if not isinstance(spec, dict):
+            raise RunFolderError(f"{path}: metric {name!r} must be an object")
+        if not isinstance(spec.get("available"), bool):
+            raise RunFolderError(f"{path}: metric {name!r}: field 'available' must be true or false")
+        hib = spec.get("higher_is_better")
+        if spec["available"] and not isinstance(hib, bool):
+            raise RunFolderError(f"{path}: metric {name!r}: field 'higher_is_better' must be true or false")
+        reference = spec.get("reference")
+        family = spec.get("family") or ("fidelity" if reference else "other")
+        metrics[name] = MetricInfo(
+            name=name,
+            available=spec["available"],
+            reason=None if spec.get("reason") is None else str(spec["reason"]),
+            higher_is_better=bool(hib) if isinstance(hib, bool) else True,
+            reference=None if reference is None else str(reference),
+            family=str(family),
+            model=None if spec.get("model") is None else str(spec["model"]),
+        )
+    return metrics
+
+
+def _parse_value(text: str) -> float:
+    text = text.strip()
+    if text == "" or text.lower() == "nan":
+        return math.nan
+    return float(text)
+
+
+def _load_scores(
+    path: Path, variants: Iterable[str], prompt_ids: list[str], caption_modes: list[str]
+) -> ScoreTable:
+    table = ScoreTable()
+    if not path.is_file():
+        return table
+    known_variants = set(variants)
+    known_prompts = set(prompt_ids)
+    known_modes = set(caption_modes)
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        missing = [c for c in SCORE_COLUMNS if c not in header]
+        if missing:
+            raise RunFolderError(
+                f"{path}: missing column(s) {', '.join(missing)}; expected header {','.join(SCORE_COLUMNS)}"
+            )
+        for row in reader:
+            line = reader.line_num
+            variant, prompt_id, mode = row["variant"], row["prompt_id"], row["caption_mode"]
+            if variant not in known_variants:
+                raise RunFolderError(
+                    f"{path}:{line}: variant {variant!r} is not in run.json variants ({', '.join(sorted(known_variants))})"
+                )
+            if known_prompts and prompt_id not in known_prompts:
+                raise RunFolderError(f"{path}:{line}: prompt_id {prompt_id!r} is not in run.json prompt_ids")
+            if known_modes and mode not in known_modes:
+                raise RunFolderError(
+                    f"{path}:{line}: caption_mode {mode!r} is not in run.json caption_modes ({', '.join(caption_modes)})"
+                )
+            try:
+                seed = int(row["seed"])
+            except (TypeError, ValueError):
+                raise RunFolderError(f"{path}:{line}: seed {row['seed']!r} is not an integer") from None
+            try:
+                value = _parse_value(row["value"] or "")
+            except ValueError:
+                raise RunFolderError(f"{path}:{line}: value {row['value']!r} is not a number") from None
+            metric = row["metric"]
+            table.n_rows += 1
+            table.category.setdefault(prompt_id, row["category"])
+            if not math.isfinite(value):
+                key = (variant, metric)
+                table.dropped_nonfinite[key] = table.dropped_nonfinite.get(key, 0) + 1
+                continue
+            cell = table.cells.setdefault((variant, mode, metric), {})
+            previous = cell.get((prompt_id, seed))
+            if previous is not None and previous != value:
+                raise RunFolderError(
+                    f"{path}:{line}: second, different value for {variant}/{mode}/{prompt_id}/seed {seed}/{metric}"
+                )
+            cell[(prompt_id, seed)] = value
+    return table
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Read and check a run folder; see the module docstring for what is optional."""
+    root = Path(run_dir)
+    run_path = root / "run.json"
+    if not run_path.is_file():
+        raise RunFolderError(f"{run_path} not found: expected a run folder written by `ditq run`")
+    run = _read_json(run_path)
+    if not isinstance(run, dict):
+        raise RunFolderError(f"{run_path}: expected a JSON object")
+    variants = _load_variants(run.get("variants"), run_path)
+    prompts_path = root / "prompts.jsonl"
+    prompts = {str(r.get("id")): r for r in _read_jsonl(prompts_path)} if prompts_path.is_file() else {}
+    prompt_ids = [str(p) for p in run.get("prompt_ids") or prompts]
+    caption_modes = [str(m) for m in run.get("caption_modes") or []]
+    manifest_path = root / "manifest.jsonl"
+    manifest = _read_jsonl(manifest_path) if manifest_path.is_file() else []
+    scores = _load_scores(root / "scores.csv", variants, prompt_ids, caption_modes)
+    metrics = _load_metrics(root / "metrics.json")
+    unknown = [m for m in scores.metrics() + [m for _v, m in scores.dropped_nonfinite] if m not in metrics]
+    if unknown:
+        raise RunFolderError(
+            f"{root / 'metrics.json'}: no entry for metric(s) {', '.join(sorted(set(unknown)))} found in scores.csv"
+        )
+    known = {"suite", "prompt_ids", "seeds", "caption_modes", "settings", "variants", "reference_variant"}
+    return RunData(
+        root=root,
+        suite=None if run.get("suite") is None else str(run["suite"]),
+        prompt_ids=prompt_ids,
+        seeds=[int(s) for s in run.get("seeds") or []],
+        caption_modes=caption_modes or scores.caption_modes(),
+        settings=dict(run.get("settings") or {}),
+        variants=variants,
+        reference_variant=run.get("reference_variant"),
+        ditq_version=None if run.get("ditq_version") is None else str(run["ditq_version"]),
+        extra={k: v for k, v in run.items() if k not in known | {"ditq_version"}},
+        prompts=prompts,
+        manifest=manifest,
+        metrics=metrics,
+        scores=scores,
+    )

@@ -1,0 +1,138 @@
+"""Quality against memory: the non-dominated (Pareto) set of variants and its plot.
+
+A variant is dominated when another uses no more memory and is at least as good, and is strictly better in one
+of the two. The frontier is every variant that is not dominated. Equal points do not dominate each other, so
+exact ties are all on the frontier. Points with a non-finite coordinate are never on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def pareto_frontier(
+    memory: np.ndarray | list[float], quality: np.ndarray | list[float], *, higher_is_better: bool = True
+) -> np.ndarray:
+    """Mask of non-dominated points: bool [n]; memory is minimized, quality maximized (or minimized)."""
+    mem = np.asarray(memory, dtype=np.float64)
+    q = np.asarray(quality, dtype=np.float64)
+    if mem.shape != q.shape or mem.ndim != 1:
+        raise ValueError(f"memory and quality must be 1-D of equal length, got {mem.shape} and {q.shape}")
+    good = q if higher_is_better else -q
+    finite = np.isfinite(mem) & np.isfinite(good)
+    m_i, m_j = mem[:, None], mem[None, :]
+    g_i, g_j = good[:, None], good[None, :]
+    # dominated[i, j]: point j dominates point i
+    dominated = (m_j <= m_i) & (g_j >= g_i) & ((m_j < m_i) | (g_j > g_i)) & finite[None, :]
+    return finite & ~dominated.any(axis=1)
+
+
+# Label positions tried in order, as (dx, dy) offsets in points from the marker.
+_OFFSETS = tuple((sx * 8, dy) for dy in (4, -4, 15, -15, 27, -27) for sx in (1, -1))
+
+
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return max(w, 0.0) * max(h, 0.0)
+
+
+def _place_labels(
+    ax, x: np.ndarray, y: np.ndarray, yerr: np.ndarray, labels: list[str], fontsize: float
+) -> None:
+    """Annotate each point at the first candidate offset whose text box overlaps least with the markers,
+    error bars, other labels and the axes edge (greedy, in display pixels)."""
+    ax.autoscale_view()
+    scale = ax.figure.dpi / 72.0
+    to_px = ax.transData.transform
+    xy = to_px(np.column_stack([x, y]))
+    lo = to_px(np.column_stack([x, y - yerr[0]]))[:, 1]
+    hi = to_px(np.column_stack([x, y + yerr[1]]))[:, 1]
+    frame = ax.get_window_extent()
+    obstacles = [(px - 6 * scale, py - 6 * scale, px + 6 * scale, py + 6 * scale) for px, py in xy]
+    obstacles += [(px - 4 * scale, lo[i], px + 4 * scale, hi[i]) for i, (px, _py) in enumerate(xy)]
+    for i, ((px, py), label) in enumerate(zip(xy, labels, strict=True)):
+        w, h = 0.62 * fontsize * scale * len(label), 1.25 * fontsize * scale
+        best, best_cost = _OFFSETS[0], np.inf
+        for dx, dy in _OFFSETS:
+            x0 = px + dx * scale - (w if dx < 0 else 0.0)
+            y0 = py + dy * scale - (h if dy < 0 else 0.0)
+            box = (x0, y0, x0 + w, y0 + h)
+            inside = _overlap(box, (frame.x0, frame.y0, frame.x1, frame.y1))
+            cost = sum(_overlap(box, o) for o in obstacles) + 4 * (w * h - inside)
+            if cost < best_cost - 1e-9:
+                best, best_cost = (dx, dy), cost
+        dx, dy = best
+        x0 = px + dx * scale - (w if dx < 0 else 0.0)
+        y0 = py + dy * scale - (h if dy < 0 else 0.0)
+        obstacles.append((x0, y0, x0 + w, y0 + h))
+        leader = {"arrowstyle": "-", "color": "#9aa3af", "lw": 0.8} if abs(dy) > 10 else None
+        ax.annotate(
+            label, (x[i], y[i]), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
+            color="#1d2430", ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top",
+            arrowprops=leader,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParetoPoint:
+    """One variant on the plot: memory in bytes, quality with its CI (low/high may be NaN)."""
+
+    label: str
+    memory_bytes: float
+    quality: float
+    low: float
+    high: float
+
+
+def plot_pareto(
+    points: list[ParetoPoint],
+    path: Path,
+    *,
+    quality_label: str,
+    memory_label: str,
+    higher_is_better: bool,
+) -> np.ndarray:
+    """Write the scatter with CI error bars and the frontier to `path` (PNG); returns the frontier mask."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    mem_gb = np.array([p.memory_bytes for p in points], dtype=np.float64) / 1e9
+    q = np.array([p.quality for p in points], dtype=np.float64)
+    on_front = pareto_frontier(mem_gb, q, higher_is_better=higher_is_better)
+    low = np.array([p.low for p in points], dtype=np.float64)
+    high = np.array([p.high for p in points], dtype=np.float64)
+    yerr = np.vstack([np.nan_to_num(q - low, nan=0.0), np.nan_to_num(high - q, nan=0.0)])
+
+    fig = Figure(figsize=(8.0, 5.0), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for mask, color, marker, name in (
+        (~on_front, "#8a94a6", "o", "dominated"),
+        (on_front, "#1f5fbf", "D", "Pareto frontier (non-dominated)"),
+    ):
+        if mask.any():
+            ax.errorbar(
+                mem_gb[mask], q[mask], yerr=yerr[:, mask], fmt=marker, color=color, ecolor=color,
+                elinewidth=1.2, capsize=4, markersize=7, label=name,
+            )  # fmt: skip
+    front = np.flatnonzero(on_front)
+    front = front[np.argsort(mem_gb[front], kind="stable")]
+    if front.size > 1:
+        ax.step(mem_gb[front], q[front], where="post", color="#1f5fbf", alpha=0.5, linewidth=1.5)
+    arrow = "higher is better" if higher_is_better else "lower is better"
+    ax.set_xlabel(f"{memory_label} per transformer (GB)  — lower is better")
+    ax.set_ylabel(f"{quality_label} ({arrow})")
+    ax.set_title(f"Quality vs memory: {quality_label}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=9)
+    ax.margins(x=0.15, y=0.15)
+    fig.tight_layout()
+    labels = [p.label + (" *" if on_front[i] else "") for i, p in enumerate(points)]
+    _place_labels(ax, mem_gb, q, yerr, labels, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return on_front

@@ -1,0 +1,136 @@
+"""Hand-made run folders with known effects, in the layout of docs/DESIGN.md ("Run folders").
+
+Shared by the report tests (imported by name: this folder is on sys.path under pytest's default import mode).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ditq.report import StatsSettings
+
+# name: (format, bytes on disk per transformer, resident bytes per transformer, quality shift, lpips level)
+VARIANTS = {
+    "fp8": ("fp8", 9_583_465_712, 9_601_000_000, 0.0, 0.0),
+    "int8": ("int8", 9_583_465_712, 9_590_000_000, -0.001, 0.04),
+    "q8_0": ("gguf", 9_230_000_000, 9_250_000_000, -0.002, 0.03),
+    "nf4": ("nf4", 5_220_000_000, 5_300_000_000, -0.03, 0.21),
+    "q4_k": ("gguf", 5_010_000_000, 5_050_000_000, -0.012, 0.15),
+}
+CATEGORIES = ("signage", "poster", "product")
+PICKSCORE_REASON = "PickScore weights are not installed (offline machine)"
+FAST = StatsSettings(n_resamples=400, seed=5)
+
+METRICS = {
+    "hpsv2": {"available": True, "reason": None, "higher_is_better": True, "reference": None,
+              "family": "preference", "model": "HPSv2.1"},
+    "pickscore": {"available": False, "reason": PICKSCORE_REASON, "higher_is_better": True, "reference": None,
+                  "family": "preference", "model": "PickScore_v1"},
+    "clip_score": {"available": True, "reason": None, "higher_is_better": True, "reference": None,
+                   "family": "preference", "model": "ViT-L-14"},
+    "lpips": {"available": True, "reason": None, "higher_is_better": False, "reference": "fp8",
+              "family": "fidelity", "model": "alex"},
+    "psnr": {"available": True, "reason": None, "higher_is_better": True, "reference": "fp8",
+             "family": "fidelity", "model": None},
+    "ocr_exact_match": {"available": True, "reason": None, "higher_is_better": True, "reference": None,
+                        "family": "text", "model": "rapidocr 3.10.0"},
+    "ocr_edit_distance": {"available": True, "reason": None, "higher_is_better": False, "reference": None,
+                          "family": "text", "model": "rapidocr 3.10.0"},
+}  # fmt: skip
+
+
+def _image(color: tuple[int, int, int], k: int) -> Image.Image:
+    y, x = np.mgrid[0:48, 0:48]
+    base = np.array(color, dtype=np.float64)
+    wave = 40 * np.sin((x + 3 * k) / 6.0)[..., None] + 30 * np.cos(y / 7.0)[..., None]
+    return Image.fromarray(np.clip(base + wave, 0, 255).astype(np.uint8))
+
+
+def write_run(
+    root: Path,
+    *,
+    variants: tuple[str, ...] = tuple(VARIANTS),
+    modes: tuple[str, ...] = ("json", "raw"),
+    n_prompts: int = 12,
+    seeds: tuple[int, ...] = (0, 1),
+    reference: str = "fp8",
+    scores: bool = True,
+    images: bool = True,
+) -> Path:
+    """A run folder: effects are fixed per variant and mode, prompts vary a lot, seeds a little."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    prompt_ids = [f"p{i:02d}" for i in range(n_prompts)]
+    category = {pid: CATEGORIES[i % len(CATEGORIES)] for i, pid in enumerate(prompt_ids)}
+    run = {
+        "suite": "synthetic-v1",
+        "prompt_ids": prompt_ids,
+        "seeds": list(seeds),
+        "caption_modes": list(modes),
+        "settings": {"height": 1024, "width": 1024, "steps": 20, "guidance_schedule": [[18, 7.0], [2, 3.0]],
+                     "mu": 0.0, "std": 1.75, "max_sequence_length": 1024},
+        "variants": {v: {"model": f"out/{v}", "format": VARIANTS[v][0],
+                         "bytes_on_disk": {"transformer": VARIANTS[v][1], "unconditional_transformer": VARIANTS[v][1]},
+                         "resident_bytes": {"transformer": VARIANTS[v][2], "unconditional_transformer": VARIANTS[v][2]}}
+                     for v in variants},
+        "reference_variant": reference,
+        "ditq_version": "0.1.0",
+    }  # fmt: skip
+    (root / "run.json").write_text(json.dumps(run, indent=1))
+    with (root / "prompts.jsonl").open("w") as fh:
+        for pid in prompt_ids:
+            text = f"OPEN {pid.upper()}"
+            record = {"id": pid, "category": category[pid], "prompt": f"A shop sign that reads '{text}'",
+                      "caption": {"high_level_description": "a sign"}, "texts": [text]}  # fmt: skip
+            fh.write(json.dumps(record) + "\n")
+    (root / "metrics.json").write_text(json.dumps(METRICS, indent=1))
+    manifest, rows = [], []
+    prompt_level = {pid: rng.normal(0.0, 1.0) for pid in prompt_ids}
+    for v in variants:
+        shift, lpips_level = VARIANTS[v][3], VARIANTS[v][4]
+        for mode in modes:
+            raw = mode == "raw"
+            for k, pid in enumerate(prompt_ids):
+                for seed in seeds:
+                    rel = f"images/{v}/{mode}/{pid}_s{seed}.png"
+                    if images:
+                        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                        color = (60 + 40 * list(VARIANTS).index(v), 90 + 20 * k % 120, 160 - 60 * raw)
+                        _image(color, k + seed).save(root / rel)
+                    manifest.append({"variant": v, "prompt_id": pid, "seed": seed, "caption_mode": mode,
+                                     "category": category[pid], "path": rel, "sha256": "0" * 64,
+                                     "wall_s": 12.5 + VARIANTS[v][3], "peak_mem_bytes": VARIANTS[v][2],
+                                     "device": "NVIDIA H100 80GB HBM3"})  # fmt: skip
+                    noise = rng.normal(0, 0.002)
+                    hps = 0.27 + 0.01 * prompt_level[pid] + shift - 0.01 * raw + noise
+                    clip = 0.31 + 0.02 * prompt_level[pid] + 0.5 * shift + rng.normal(0, 0.003)
+                    p_match = min(max(0.7 + 8 * shift - 0.25 * raw, 0.0), 1.0)
+                    match = float(rng.random() < p_match)
+                    edit = float(0 if match else rng.integers(1, 6))
+                    values = {
+                        "hpsv2": hps,
+                        "clip_score": clip,
+                        "ocr_exact_match": match,
+                        "ocr_edit_distance": edit,
+                    }
+                    if v != reference:
+                        lp = max(lpips_level + 0.02 * rng.normal(), 0.001)
+                        values["lpips"] = lp
+                        values["psnr"] = (
+                            float("inf") if (v == "int8" and k == 0 and seed == 0) else 40 - 60 * lp
+                        )
+                    for metric, value in values.items():
+                        rows.append([v, pid, seed, mode, category[pid], metric, repr(value)])
+    with (root / "manifest.jsonl").open("w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in manifest)
+    with (root / "scores.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["variant", "prompt_id", "seed", "caption_mode", "category", "metric", "value"])
+        if scores:
+            writer.writerows(rows)
+    return root

@@ -1,0 +1,98 @@
+"""Bad run folders give errors that name the file, line or field and what was expected."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from synthetic_run import write_run
+
+from ditq.errors import DitqError
+from ditq.report import RunFolderError, load_run
+
+
+@pytest.fixture
+def small_run(tmp_path):
+    return write_run(tmp_path / "run", variants=("fp8", "int8"), n_prompts=3, seeds=(0,), images=False)
+
+
+def _rewrite_scores(run, edit):
+    path = run / "scores.csv"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(edit(lines)) + "\n")
+
+
+def test_load_run_reads_the_layout(small_run):
+    run = load_run(small_run)
+    assert list(run.variants) == ["fp8", "int8"]
+    assert run.variants["fp8"].bytes_on_disk["transformer"] == 9_583_465_712
+    assert run.reference_variant == "fp8"
+    assert run.scores.caption_modes() == ["json", "raw"]
+    obs = run.scores.observations("int8", "json", "hpsv2")
+    assert set(obs) == {("p00", 0), ("p01", 0), ("p02", 0)}
+    assert run.metrics["lpips"].reference == "fp8" and not run.metrics["lpips"].higher_is_better
+    assert run.scores.dropped_nonfinite == {("int8", "psnr"): 2}  # the inf PSNR, once per caption mode
+
+
+def test_scores_with_unknown_variant(small_run):
+    _rewrite_scores(small_run, lambda lines: lines + ["q2_k,p00,0,json,signage,hpsv2,0.2"])
+    with pytest.raises(
+        RunFolderError, match=r"scores\.csv:\d+: variant 'q2_k' is not in run\.json variants \(fp8, int8\)"
+    ):
+        load_run(small_run)
+
+
+def test_scores_with_unknown_prompt(small_run):
+    _rewrite_scores(small_run, lambda lines: lines + ["int8,p99,0,json,signage,hpsv2,0.2"])
+    with pytest.raises(RunFolderError, match="prompt_id 'p99' is not in run.json prompt_ids"):
+        load_run(small_run)
+
+
+def test_scores_missing_columns_are_named(small_run):
+    def drop(lines):
+        return [",".join(f for k, f in enumerate(line.split(",")) if k not in (2, 6)) for line in lines]
+
+    _rewrite_scores(small_run, drop)
+    with pytest.raises(RunFolderError, match="missing column\\(s\\) seed, value"):
+        load_run(small_run)
+
+
+def test_scores_bad_value_and_seed(small_run):
+    _rewrite_scores(small_run, lambda lines: lines + ["int8,p00,0,json,signage,hpsv2,high"])
+    with pytest.raises(RunFolderError, match="value 'high' is not a number"):
+        load_run(small_run)
+    _rewrite_scores(small_run, lambda lines: lines[:-1] + ["int8,p00,zero,json,signage,hpsv2,0.1"])
+    with pytest.raises(RunFolderError, match="seed 'zero' is not an integer"):
+        load_run(small_run)
+
+
+def test_conflicting_duplicate_score(small_run):
+    _rewrite_scores(small_run, lambda lines: lines + [lines[1].rsplit(",", 1)[0] + ",12345"])
+    with pytest.raises(RunFolderError, match="second, different value"):
+        load_run(small_run)
+
+
+def test_metric_missing_from_metrics_json(small_run):
+    metrics = json.loads((small_run / "metrics.json").read_text())
+    del metrics["clip_score"]
+    (small_run / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(RunFolderError, match="metrics.json: no entry for metric\\(s\\) clip_score"):
+        load_run(small_run)
+
+
+def test_missing_or_broken_run_json(tmp_path, small_run):
+    with pytest.raises(RunFolderError, match="run.json not found"):
+        load_run(tmp_path / "nowhere")
+    (small_run / "run.json").write_text("{not json")
+    with pytest.raises(DitqError, match="run.json: not valid JSON"):
+        load_run(small_run)
+
+
+def test_bad_byte_counts(small_run):
+    run = json.loads((small_run / "run.json").read_text())
+    run["variants"]["int8"]["resident_bytes"]["transformer"] = "9 GB"
+    (small_run / "run.json").write_text(json.dumps(run))
+    with pytest.raises(
+        RunFolderError, match="variants.int8.resident_bytes.transformer: expected a non-negative integer"
+    ):
+        load_run(small_run)
