@@ -37,9 +37,11 @@ METRICS = {
               "family": "fidelity", "model": "alex"},
     "psnr": {"available": True, "reason": None, "higher_is_better": True, "reference": "fp8",
              "family": "fidelity", "model": None},
-    "ocr_exact_match": {"available": True, "reason": None, "higher_is_better": True, "reference": None,
+    "ssim": {"available": True, "reason": None, "higher_is_better": True, "reference": "fp8",
+             "family": "fidelity", "model": None},
+    "ocr_exact": {"available": True, "reason": None, "higher_is_better": True, "reference": None,
                         "family": "text", "model": "rapidocr 3.10.0"},
-    "ocr_edit_distance": {"available": True, "reason": None, "higher_is_better": False, "reference": None,
+    "ocr_ned": {"available": True, "reason": None, "higher_is_better": False, "reference": None,
                           "family": "text", "model": "rapidocr 3.10.0"},
 }  # fmt: skip
 
@@ -88,7 +90,10 @@ def write_run(
             record = {"id": pid, "category": category[pid], "prompt": f"A shop sign that reads '{text}'",
                       "caption": {"high_level_description": "a sign"}, "texts": [text]}  # fmt: skip
             fh.write(json.dumps(record) + "\n")
-    (root / "metrics.json").write_text(json.dumps(METRICS, indent=1))
+    # As `ditq eval` writes it: entries under "metrics", sorted by name, plus bookkeeping fields.
+    metrics = {"version": 1, "ditq_version": "0.1.0", "reference_variant": reference,
+               "metrics": dict(sorted(METRICS.items())), "missing_images": []}  # fmt: skip
+    (root / "metrics.json").write_text(json.dumps(metrics, indent=1))
     manifest, rows = [], []
     prompt_level = {pid: rng.normal(0.0, 1.0) for pid in prompt_ids}
     for v in variants:
@@ -111,19 +116,14 @@ def write_run(
                     clip = 0.31 + 0.02 * prompt_level[pid] + 0.5 * shift + rng.normal(0, 0.003)
                     p_match = min(max(0.7 + 8 * shift - 0.25 * raw, 0.0), 1.0)
                     match = float(rng.random() < p_match)
-                    edit = float(0 if match else rng.integers(1, 6))
-                    values = {
-                        "hpsv2": hps,
-                        "clip_score": clip,
-                        "ocr_exact_match": match,
-                        "ocr_edit_distance": edit,
-                    }
+                    ned = 0.0 if match else float(rng.uniform(0.1, 0.8))
+                    values = {"hpsv2": hps, "clip_score": clip, "ocr_exact": match, "ocr_ned": ned}
                     if v != reference:
                         lp = max(lpips_level + 0.02 * rng.normal(), 0.001)
                         values["lpips"] = lp
-                        values["psnr"] = (
-                            float("inf") if (v == "int8" and k == 0 and seed == 0) else 40 - 60 * lp
-                        )
+                        identical = v == "int8" and k == 0 and seed == 0  # PSNR of identical images: inf
+                        values["psnr"] = float("inf") if identical else 40 - 60 * lp
+                        values["ssim"] = 1 - 2 * lp
                     for metric, value in values.items():
                         rows.append([v, pid, seed, mode, category[pid], metric, repr(value)])
     with (root / "manifest.jsonl").open("w") as fh:

@@ -102,7 +102,7 @@ def test_paired_differences_detect_known_effects_with_direction(built_report):
     assert float(lpips["nf4 − int8"]["Δ"]) > 0 and lpips["nf4 − int8"]["CI excludes 0"] == "yes — worse"
     assert "Holm–Bonferroni adjusted p-values control the family-wise error rate" in md
     m = int(re.search(r"this section makes (\d+) paired comparisons", md).group(1))
-    assert m == 4 * 10 + 2 * 6  # hpsv2, clip, 2 text metrics: 10 pairs each; lpips, psnr: 6 pairs
+    assert m == 4 * 10 + 3 * 6  # hpsv2, clip, 2 text metrics: 10 pairs each; lpips, psnr, ssim: 6 pairs
 
 
 def test_ablation_and_text_sections(built_report):
@@ -111,7 +111,7 @@ def test_ablation_and_text_sections(built_report):
     for variant in ("fp8", "int8", "q8_0", "nf4", "q4_k"):
         assert abl[variant]["CI excludes 0"] == "yes — worse"  # raw captions were built 0.01 lower
         assert float(abl[variant]["Δ"]) == pytest.approx(-0.01, abs=0.003)
-    text = md_table(md, "ocr_exact_match ↑", after="Per-category text rendering")
+    text = md_table(md, "ocr_exact ↑", after="Per-category text rendering")
     assert set(text[0]) == {"Variant", "poster", "product", "signage", "all"}
     assert len(text) == 5
 

@@ -73,8 +73,8 @@ def test_conflicting_duplicate_score(small_run):
 
 
 def test_metric_missing_from_metrics_json(small_run):
-    metrics = json.loads((small_run / "metrics.json").read_text())
-    del metrics["clip_score"]
+    metrics = json.loads((small_run / "metrics.json").read_text())["metrics"]
+    del metrics["clip_score"]  # and write the bare {name: entry} form, which is read too
     (small_run / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(RunFolderError, match="metrics.json: no entry for metric\\(s\\) clip_score"):
         load_run(small_run)
@@ -96,3 +96,25 @@ def test_bad_byte_counts(small_run):
         RunFolderError, match="variants.int8.resident_bytes.transformer: expected a non-negative integer"
     ):
         load_run(small_run)
+
+
+def test_bare_metrics_json_and_missing_images_note(small_run):
+    from synthetic_run import FAST
+
+    from ditq.report import build_report
+
+    data = json.loads((small_run / "metrics.json").read_text())
+    (small_run / "metrics.json").write_text(json.dumps(data["metrics"]))  # the bare {name: entry} form
+    assert load_run(small_run).metrics["hpsv2"].family == "preference"
+    data["missing_images"] = ["images/int8/json/p00_s0.png"]
+    (small_run / "metrics.json").write_text(json.dumps(data))
+    md = build_report(small_run, settings=FAST).markdown.read_text()
+    assert "metrics.json lists 1 image(s) missing on disk: images/int8/json/p00_s0.png." in md
+
+
+def test_empty_category_reads_as_uncategorized(small_run):
+    _rewrite_scores(
+        small_run, lambda lines: [lines[0]] + [line.replace(",signage,", ",,") for line in lines[1:]]
+    )
+    run = load_run(small_run)
+    assert "uncategorized" in run.scores.categories()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ditq.errors import ConfigError
-from ditq.report.inputs import MetricInfo, RunData
+from ditq.report.inputs import RunData
 from ditq.stats import (
     DEFAULT_RESAMPLES,
     DEFAULT_SEED,
@@ -140,9 +140,6 @@ class Analysis:
             "confidence_level": s.confidence_level,
             "method": s.method,
         }
-
-    def available_metrics(self) -> list[MetricInfo]:
-        return [m for m in self.run.metrics.values() if m.available]
 
 
 def adjust_family(comparisons: list[Comparison]) -> int:

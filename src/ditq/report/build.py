@@ -256,6 +256,9 @@ def _notes_section(run: RunData) -> Section | None:
         notes.append(
             f"The run has no reference variant ({run.reference_variant!r}): fidelity vs reference unavailable."
         )
+    if run.missing_images:
+        shown = ", ".join(run.missing_images[:3]) + (", ..." if len(run.missing_images) > 3 else "")
+        notes.append(f"metrics.json lists {len(run.missing_images)} image(s) missing on disk: {shown}.")
     for (variant, metric), count in sorted(run.scores.dropped_nonfinite.items()):
         notes.append(f"{variant} / {metric}: {count} non-finite or empty score(s) dropped.")
     if not notes:
@@ -287,8 +290,7 @@ def build_report(
     pareto, pareto_png = _pareto_section(analysis, out, quality_metric, memory)
     grids, grid_paths = _grid_section(analysis, out, grid_prompts)
     notes = _notes_section(run)
-    sections = [_settings_section(run, analysis)]
-    sections += [notes] if notes else []
+    sections = [notes] if notes else []
     sections += [
         variant_section(analysis),
         paired_section(analysis),
@@ -296,6 +298,7 @@ def build_report(
         text_section(analysis),
         ablation_section(analysis),
         grids,
+        _settings_section(run, analysis),
         _methods_section(analysis),
     ]
     subtitle = (

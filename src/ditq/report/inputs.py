@@ -100,6 +100,7 @@ class RunData:
     manifest: list[dict[str, Any]]
     metrics: dict[str, MetricInfo]
     scores: ScoreTable
+    missing_images: list[str] = field(default_factory=list)
 
 
 def _read_json(path: Path) -> Any:
@@ -158,11 +159,15 @@ def _load_variants(raw: Any, path: Path) -> dict[str, VariantInfo]:
     return variants
 
 
-def _load_metrics(path: Path) -> dict[str, MetricInfo]:
+def _load_metrics(path: Path) -> tuple[dict[str, MetricInfo], list[str]]:
+    """Metric entries and the images `ditq eval` found missing. Accepts eval's file ({"version", "metrics":
+    {name: entry}, "missing_images": [...], ...}) and a bare {name: entry} object."""
     if not path.is_file():
-        return {}
+        return {}, []
     raw = _read_json(path)
+    missing_images: list[str] = []
     if isinstance(raw, dict) and isinstance(raw.get("metrics"), dict):
+        missing_images = [str(p) for p in raw.get("missing_images") or []]
         raw = raw["metrics"]
     if not isinstance(raw, dict):
         raise RunFolderError(f"{path}: expected an object {{metric name: {{available, reason, ...}}}}")
@@ -186,7 +191,7 @@ def _load_metrics(path: Path) -> dict[str, MetricInfo]:
             family=str(family),
             model=None if spec.get("model") is None else str(spec["model"]),
         )
-    return metrics
+    return metrics, missing_images
 
 
 def _parse_value(text: str) -> float:
@@ -236,7 +241,7 @@ def _load_scores(
                 raise RunFolderError(f"{path}:{line}: value {row['value']!r} is not a number") from None
             metric = row["metric"]
             table.n_rows += 1
-            table.category.setdefault(prompt_id, row["category"])
+            table.category.setdefault(prompt_id, row["category"] or "uncategorized")
             if not math.isfinite(value):
                 key = (variant, metric)
                 table.dropped_nonfinite[key] = table.dropped_nonfinite.get(key, 0) + 1
@@ -268,7 +273,7 @@ def load_run(run_dir: str | Path) -> RunData:
     manifest_path = root / "manifest.jsonl"
     manifest = _read_jsonl(manifest_path) if manifest_path.is_file() else []
     scores = _load_scores(root / "scores.csv", variants, prompt_ids, caption_modes)
-    metrics = _load_metrics(root / "metrics.json")
+    metrics, missing_images = _load_metrics(root / "metrics.json")
     unknown = [m for m in scores.metrics() + [m for _v, m in scores.dropped_nonfinite] if m not in metrics]
     if unknown:
         raise RunFolderError(
@@ -290,4 +295,5 @@ def load_run(run_dir: str | Path) -> RunData:
         manifest=manifest,
         metrics=metrics,
         scores=scores,
+        missing_images=missing_images,
     )

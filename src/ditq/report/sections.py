@@ -37,7 +37,7 @@ def variant_section(analysis: Analysis) -> Section:
     for record in run.manifest:
         if isinstance(record.get("wall_s"), int | float):
             wall[str(record.get("variant"))].append(float(record["wall_s"]))
-    metrics = list(run.metrics.values())
+    metrics = ordered_metrics(analysis)
     header: list[str | Cell] = [
         "Variant",
         "Format",
@@ -77,6 +77,12 @@ def variant_section(analysis: Analysis) -> Section:
             Paragraph("metrics.json lists no metrics: run `ditq eval RUN` to score the images.", "note")
         )
     return section
+
+
+def ordered_metrics(analysis: Analysis) -> list[MetricInfo]:
+    """Metrics grouped by family (preference, fidelity, text, others), in metrics.json order within one."""
+    rank = {"preference": 0, "fidelity": 1, "text": 2}
+    return sorted(analysis.run.metrics.values(), key=lambda m: rank.get(m.family, 3))
 
 
 def _verdict(result: PairedDifference, info: MetricInfo) -> Cell:
@@ -143,7 +149,9 @@ def paired_section(analysis: Analysis) -> Section:
             )
         )
     per_metric: list[tuple[MetricInfo, list[tuple[str, Comparison]]]] = []
-    for info in analysis.available_metrics():
+    for info in ordered_metrics(analysis):
+        if not info.available:
+            continue
         rows = []
         pairs = [] if info.reference else [(v, ref) for v in others if ref in run.variants]
         pairs += [(a, b) for i, b in enumerate(others) for a in others[i + 1 :]]
@@ -174,7 +182,7 @@ def text_section(analysis: Analysis) -> Section:
     run = analysis.run
     mode = analysis.main_mode
     section = Section(TEXT, "text")
-    text_metrics = [m for m in run.metrics.values() if m.family == "text"]
+    text_metrics = [m for m in ordered_metrics(analysis) if m.family == "text"]
     if not text_metrics:
         section.add(Paragraph("metrics.json lists no text-rendering (OCR) metrics for this run.", "note"))
         return section
@@ -219,7 +227,7 @@ def ablation_section(analysis: Analysis) -> Section:
         )
     )
     family: list[tuple[MetricInfo, list[tuple[str, Comparison]]]] = []
-    for info in analysis.available_metrics():
+    for info in (m for m in ordered_metrics(analysis) if m.available):
         family.append(
             (info, [(v, analysis.paired(info.name, (v, "raw"), (v, "json"))) for v in run.variants])
         )
