@@ -87,7 +87,7 @@ h2 { font-size: 19px; margin: 34px 0 10px; padding-bottom: 4px; border-bottom: 2
 nav ol { columns: 2; margin: 8px 0 0; padding-left: 20px; }
 nav a, a { color: #2358b8; text-decoration: none; }
 p { margin: 8px 0; max-width: 100ch; }
-.scroll { overflow-x: auto; margin: 10px 0 16px; }
+.scroll { overflow-x: auto; margin: 10px 20px 16px 0; display: inline-block; vertical-align: top; max-width: 100%; }
 table { border-collapse: collapse; font-size: 13px; }
 caption { caption-side: top; text-align: left; font-weight: 600; padding: 4px 0 6px; }
 th, td { border: 1px solid #dde1e7; padding: 4px 6px; vertical-align: top; }
@@ -97,7 +97,7 @@ td.unavailable { color: #8a5a00; background: #fff8e6; font-style: italic; }
 td.sig { background: #e8f5ea; }
 td.worse { background: #fdecea; }
 td.frontier { font-weight: 600; }
-td .sub { color: #5b6472; font-size: 11.5px; }
+td .sub { color: #5b6472; font-size: 11px; }
 td.unavailable { white-space: normal; min-width: 8em; max-width: 13em; text-align: left; }
 td.bytes { text-decoration: underline dotted #9aa3af; }
 [title] { cursor: help; }

@@ -12,12 +12,13 @@ from ditq.stats import BootstrapCI
 TRANSFORMER = "transformer"
 
 
-def fmt_num(x: float) -> str:
+def fmt_num(x: float, digits: int = 4) -> str:
+    """`digits` significant digits; thousands and above as whole numbers with separators."""
     if not math.isfinite(x):
         return "n/a"
     if abs(x) >= 1000:
         return f"{x:,.0f}"
-    return f"{x:.4g}"
+    return f"{x:.{digits}g}"
 
 
 def fmt_p(p: float) -> str:
@@ -42,7 +43,7 @@ def ci_cell(value: BootstrapCI | Missing) -> Cell:
     )
     if value.n < 2:
         return Cell(fmt_num(value.estimate), sub="(n=1, no CI)", title=title, css="num")
-    interval = f"[{fmt_num(value.low)}, {fmt_num(value.high)}]"
+    interval = f"[{fmt_num(value.low, 3)}, {fmt_num(value.high, 3)}]"
     return Cell(fmt_num(value.estimate), sub=interval, title=title, css="num")
 
 

@@ -39,8 +39,7 @@ def variant_section(analysis: Analysis) -> Section:
             wall[str(record.get("variant"))].append(float(record["wall_s"]))
     metrics = ordered_metrics(analysis)
     header: list[str | Cell] = [
-        "Variant",
-        "Format",
+        Cell("Variant", title="name, then format"),
         Cell("Disk / transformer", title="bytes on disk of the conditional transformer (GB = 10^9 bytes)"),
         Cell("Resident / transformer", title="resident memory of the conditional transformer once loaded"),
     ]
@@ -50,8 +49,10 @@ def variant_section(analysis: Analysis) -> Section:
     rows = []
     shared: dict[tuple[str, str], Cell] = {}  # one cell per (metric, reason), drawn once down the column
     for name, variant in run.variants.items():
-        label = f"{name} (reference)" if name == run.reference_variant else name
-        row: list[str | Cell] = [label, variant.format or "", bytes_cell(variant.bytes_on_disk)]
+        notes = [variant.format or "format unknown"] + (
+            ["reference"] if name == run.reference_variant else []
+        )
+        row: list[str | Cell] = [Cell(name, sub=f"({', '.join(notes)})"), bytes_cell(variant.bytes_on_disk)]
         row.append(bytes_cell(variant.resident_bytes))
         if wall:
             row.append(Cell(fmt_num(statistics.median(wall[name])), css="num") if wall[name] else "")
@@ -96,7 +97,7 @@ def _comparison_row(c: Comparison, info: MetricInfo, label: str) -> list[str | C
     if isinstance(c.result, Missing):
         return [label, missing_cell(c.result), "", "", "", "", ""]
     r = c.result
-    ci = f"[{fmt_num(r.low)}, {fmt_num(r.high)}]" if r.n > 1 else "n=1, no CI"
+    ci = f"[{fmt_num(r.low, 3)}, {fmt_num(r.high, 3)}]" if r.n > 1 else "n=1, no CI"
     return [
         label,
         Cell(fmt_num(r.estimate), css="num"),
