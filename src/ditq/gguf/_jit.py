@@ -8,11 +8,13 @@ LLVM neither reorders sums nor fuses multiply-adds (ggml's reference build has n
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -22,8 +24,50 @@ from numba.extending import intrinsic
 
 f32 = np.float32
 
-# Options shared by every kernel: IEEE division (inf/nan, no ZeroDivisionError) and an on-disk cache.
-JIT = {"error_model": "numpy", "cache": True, "nogil": True}
+
+def _install_package_cache_stamp() -> bool:
+    """Key numba's on-disk cache of this package's kernels on the contents of every module of the package.
+
+    numba invalidates a cached kernel only when the kernel's own source file changes, but the kernels here
+    compile in helpers from sibling modules (`_search`, `_tiles`, this one). This registers cache locators, ahead
+    of numba's own, that behave like numba's but use a hash of all the package's sources as the freshness stamp.
+    Returns False (and the kernels are then not cached) if numba's caching internals are not as expected.
+    """
+    try:
+        from numba.core import caching
+    except ImportError:
+        return False
+    impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)
+    bases = [
+        getattr(caching, n, None)
+        for n in ("UserProvidedCacheLocator", "InTreeCacheLocator", "UserWideCacheLocator")
+    ]
+    if impl is None or not isinstance(getattr(impl, "_locator_classes", None), list) or None in bases:
+        return False
+    package_dir = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for source in sorted(package_dir.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    stamp = digest.hexdigest()
+
+    class _PackageStamp:
+        @classmethod
+        def from_function(cls, py_func, py_file):  # type: ignore[no-untyped-def]
+            if Path(py_file).resolve().parent != package_dir:
+                return None
+            return super().from_function(py_func, py_file)  # type: ignore[misc]
+
+        def get_source_stamp(self) -> str:
+            return stamp
+
+    if not any(getattr(c, "_ditq_gguf", False) for c in impl._locator_classes):
+        locators = [type(f"DitqGguf{b.__name__}", (_PackageStamp, b), {"_ditq_gguf": True}) for b in bases]
+        impl._locator_classes[:0] = locators
+    return True
+
+
+# Options shared by every kernel: IEEE division (inf/nan, no ZeroDivisionError), no GIL, an on-disk cache.
+JIT = {"error_model": "numpy", "cache": _install_package_cache_stamp(), "nogil": True}
 
 _ROUND_MAGIC = f32(12582912.0)  # 1.5 * 2**23: adding it leaves round-half-even(x) in the low mantissa bits
 GROUP_MAX_EPS = f32(1e-15)

@@ -160,32 +160,41 @@ def _signed_max(x, amax, smax):
 
 
 @numba.njit(**JIT)
-def fit_symmetric(x, w, nmax, L, Laux, scale):
+def fit_symmetric(x, w, nmax, L, wx, scale):
     """Symmetric grid `scale * l`, l in -nmax..nmax-1, least squares with weights w, trying 18 scales around
-    nmax / max|x| (make_qx_quants with rmse_type 1). Writes L = l + nmax (int32 (n, T)) and scale (T,)."""
+    nmax / max|x| (make_qx_quants with rmse_type 1). Writes L = l + nmax (int32 (n, T)) and scale (T,); wx is
+    float32 scratch. As in `fit_affine`, the best grid is remembered and its levels computed once at the end."""
     n, T = x.shape
+    nmax = np.int32(nmax)
+    lo = np.int32(-nmax)
+    hi = np.int32(nmax - 1)
     amax = np.empty(T, np.float32)
     smax = np.empty(T, np.float32)
     iscale = np.empty(T, np.float32)
+    grid_iscale = np.empty(T, np.float32)
     s_lx = np.empty(T, np.float32)
     s_l2 = np.empty(T, np.float32)
     best = np.empty(T, np.float32)
-    take = np.empty(T, np.bool_)
     _signed_max(x, amax, smax)
     fmax = f32(nmax)
+    for i in range(n):
+        xi = x[i]
+        wi = w[i]
+        wxi = wx[i]
+        for t in range(T):
+            wxi[t] = wi[t] * xi[t]  # C's w*x[i]*l is (w*x[i])*l
     for t in range(T):
         iscale[t] = f32(-nmax) / smax[t]
+        grid_iscale[t] = iscale[t]
         s_lx[t] = _ZERO
         s_l2[t] = _ZERO
     for i in range(n):
         xi = x[i]
         wi = w[i]
-        Li = L[i]
+        wxi = wx[i]
         for t in range(T):
-            q = min(max(nearest_int(iscale[t] * xi[t]), -nmax), nmax - 1)
-            Li[t] = q + nmax
-            fq = f32(q)
-            s_lx[t] += wi[t] * xi[t] * fq
+            fq = f32(min(max(nearest_int(iscale[t] * xi[t]), lo), hi))
+            s_lx[t] += wxi[t] * fq
             s_l2[t] += wi[t] * fq * fq
     for t in range(T):
         scale[t] = s_lx[t] / s_l2[t] if s_l2[t] != _ZERO else _ZERO
@@ -202,33 +211,26 @@ def fit_symmetric(x, w, nmax, L, Laux, scale):
         for i in range(n):
             xi = x[i]
             wi = w[i]
-            Ai = Laux[i]
+            wxi = wx[i]
             for t in range(T):
-                q = min(max(nearest_int(iscale[t] * xi[t]), -nmax), nmax - 1)
-                Ai[t] = q + nmax
-                fq = f32(q)
-                s_lx[t] += wi[t] * xi[t] * fq
+                fq = f32(min(max(nearest_int(iscale[t] * xi[t]), lo), hi))
+                s_lx[t] += wxi[t] * fq
                 s_l2[t] += wi[t] * fq * fq
         for t in range(T):
-            ok = s_l2[t] > _ZERO and s_lx[t] * s_lx[t] > best[t] * s_l2[t]
-            take[t] = ok
-            if ok:
+            if s_l2[t] > _ZERO and s_lx[t] * s_lx[t] > best[t] * s_l2[t]:
                 scale[t] = s_lx[t] / s_l2[t]
                 best[t] = scale[t] * s_lx[t]
-        for i in range(n):
-            Li = L[i]
-            Ai = Laux[i]
-            for t in range(T):
-                Li[t] = Ai[t] if take[t] else Li[t]
+                grid_iscale[t] = iscale[t]
 
     for t in range(T):
-        take[t] = amax[t] < GROUP_MAX_EPS
-        if take[t]:
+        if amax[t] < GROUP_MAX_EPS:
             scale[t] = _ZERO
     for i in range(n):
+        xi = x[i]
         Li = L[i]
         for t in range(T):
-            Li[t] = 0 if take[t] else Li[t]
+            q = min(max(nearest_int(grid_iscale[t] * xi[t]), lo), hi) + nmax
+            Li[t] = np.int32(0) if amax[t] < GROUP_MAX_EPS else q
 
 
 @numba.njit(**JIT)
@@ -236,6 +238,9 @@ def fit_symmetric_refined(x, nmax, L, scale):
     """Symmetric grid l in -nmax..nmax-1 weighted by x**2, then up to five passes that move one element at a
     time to the level that best improves the fit (make_q3_quants with do_rmse). Writes L = l + nmax, scale."""
     n, T = x.shape
+    nmax = np.int32(nmax)
+    lo = np.int32(-nmax)
+    hi = np.int32(nmax - 1)
     amax = np.empty(T, np.float32)
     smax = np.empty(T, np.float32)
     iscale = np.empty(T, np.float32)
@@ -250,7 +255,7 @@ def fit_symmetric_refined(x, nmax, L, scale):
         xi = x[i]
         Li = L[i]
         for t in range(T):
-            q = min(max(nearest_int(iscale[t] * xi[t]), -nmax), nmax - 1)
+            q = min(max(nearest_int(iscale[t] * xi[t]), lo), hi)
             Li[t] = q
             v = xi[t]
             w = v * v
@@ -267,7 +272,7 @@ def fit_symmetric_refined(x, nmax, L, scale):
                 fl = f32(Li[t])
                 slx = s_lx[t] - w * v * fl
                 sl2 = s_l2[t] - w * fl * fl
-                q = min(max(nearest_int(v * sl2 / slx), -nmax), nmax - 1)
+                q = min(max(nearest_int(v * sl2 / slx), lo), hi)
                 fq = f32(q)
                 slx2 = slx + w * v * fq
                 sl22 = sl2 + w * fq * fq
@@ -286,7 +291,7 @@ def fit_symmetric_refined(x, nmax, L, scale):
     for i in range(n):
         Li = L[i]
         for t in range(T):
-            Li[t] = 0 if amax[t] < GROUP_MAX_EPS else Li[t] + nmax
+            Li[t] = np.int32(0) if amax[t] < GROUP_MAX_EPS else Li[t] + nmax
     for t in range(T):
         if amax[t] < GROUP_MAX_EPS:
             scale[t] = _ZERO
@@ -298,6 +303,7 @@ def fit_positive(x, w, nmax, L):
     scales around nmax / max, then refines one element at a time (make_qp_quants). L is uint8 (n, T) and keeps
     C's uint8 storage (a negative level wraps). Returns the scale (T,)."""
     n, T = x.shape
+    nmax = np.int32(nmax)
     mx = np.zeros(T, np.float32)
     iscale = np.empty(T, np.float32)
     step_iscale = np.empty(T, np.float32)

@@ -71,14 +71,14 @@ def _encode_tile(x, qw, base, out):
 
     if qw.shape[0] > 0:
         w = np.empty((_S, _T), np.float32)
-        Laux = np.empty((_S, _T), np.int32)
+        wx = np.empty((_S, _T), np.float32)
         importance_weights(xt, qw, base, superblock_sigma2(xt, 2), w)
-        fit_symmetric(xt, w, 4, L, Laux, scale)
+        fit_symmetric(xt, w, 4, L, wx, scale)
         sw = lane_sums(w).reshape(_NSUB, TB)
         Ls = np.empty((_NSUB, TB), np.int32)
-        Lsaux = np.empty((_NSUB, TB), np.int32)
+        swx = np.empty((_NSUB, TB), np.float32)
         d_block = np.empty(TB, np.float32)
-        fit_symmetric(scale.reshape(_NSUB, TB), sw, 32, Ls, Lsaux, d_block)
+        fit_symmetric(scale.reshape(_NSUB, TB), sw, 32, Ls, swx, d_block)
         for s in range(n):
             o = out[base + s]
             for j in range(_NSUB):

@@ -34,7 +34,7 @@ def _encode_tile(x, qw, base, out):
     xt = np.empty((_S, _T), np.float32)
     w = np.empty((_S, _T), np.float32)
     L = np.empty((_S, _T), np.int32)
-    Laux = np.empty((_S, _T), np.int32)
+    wx = np.empty((_S, _T), np.float32)
     scale = np.empty(_T, np.float32)
     n = load_tile(x, base, xt)
     if qw.shape[0] > 0:
@@ -48,7 +48,7 @@ def _encode_tile(x, qw, base, out):
         for i in range(_S):
             for t in range(_T):
                 w[i, t] = xt[i, t] * xt[i, t]
-    fit_symmetric(xt, w, 32, L, Laux, scale)
+    fit_symmetric(xt, w, 32, L, wx, scale)
 
     dl = np.zeros(_T, np.float32)
     live = np.zeros(TB, np.bool_)
