@@ -190,3 +190,24 @@ def test_cli_report_bad_input_is_one_line_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "ditq report: error:" in err and "run.json not found" in err
+
+
+def test_report_reads_what_ditq_eval_writes(tmp_path):
+    # Contract with `ditq eval`: score a run with the formula metrics (no model weights needed), then report.
+    from ditq.metrics.evaluate import evaluate_run
+
+    run = write_run(
+        tmp_path / "run", variants=("fp8", "int8", "nf4"), n_prompts=4, seeds=(0,), modes=("json",)
+    )
+    (run / "scores.csv").unlink()
+    (run / "metrics.json").unlink()
+    evaluate_run(run, metrics=["psnr", "ssim"], progress=False)
+    md = build_report(run, settings=FAST).markdown.read_text()
+    rows = {
+        r["Variant"].split()[0]: r
+        for r in md_table(md, "Means over prompts with 95% bootstrap CIs, caption mode `json`")
+    }
+    assert rows["fp8"]["psnr ↑"] == "reference"
+    assert re.fullmatch(r"\S+ \[\S+, \S+\]", rows["nf4"]["ssim ↑"])
+    assert "| nf4 − int8 |" in md
+    assert "Only 4 prompts are scored" in md

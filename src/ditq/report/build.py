@@ -21,7 +21,7 @@ from ditq.report.document import (
     render_html,
     render_markdown,
 )
-from ditq.report.formatting import arrow, ci_text, memory_of
+from ditq.report.formatting import arrow, ci_cell, memory_of
 from ditq.report.grids import compose_grid
 from ditq.report.inputs import MetricInfo, RunData, load_run
 from ditq.report.pareto import ParetoPoint, plot_pareto
@@ -37,6 +37,7 @@ METHODS = "Methods"
 NOTES = "Data notes"
 # Default quality axis: the first available of these (names compared lower-case without punctuation).
 QUALITY_PREFERENCE = ("hpsv2", "pickscore", "clipscore", "lpips", "psnr")
+MIN_PROMPTS = 20  # below this many prompts the report warns that bootstrap intervals run narrow
 MEMORY_KINDS = {"resident": "Resident memory", "disk": "Bytes on disk"}
 
 
@@ -116,35 +117,38 @@ def _methods_section(analysis: Analysis) -> Section:
         "numbers. Where BCa is undefined (all prompt values equal) the percentile interval is used. p-values "
         "come from a two-sided paired sign-flip permutation test of the mean difference (exact when 2^n does "
         "not exceed the resample count, otherwise Monte Carlo with the same seed), Holm–Bonferroni adjusted "
-        "within each family of comparisons. Non-finite scores (e.g. PSNR of identical images) are dropped "
-        "and counted under Data notes."
+        "within each family of comparisons. Bootstrap intervals from few prompts (fewer than about 20) are "
+        "narrower than their nominal level; there the sign-flip p-value is the safer guide. Non-finite scores "
+        "(e.g. PSNR of identical images) are dropped and counted under Data notes."
     )
     return Section(METHODS, "methods", [Paragraph(text)])
 
 
 def _pareto_section(
-    analysis: Analysis, out_dir: Path, quality_metric: str | None, memory: str
+    analysis: Analysis, out_dir: Path, info: MetricInfo | None, memory: str
 ) -> tuple[Section, Path | None]:
     run = analysis.run
     section = Section(PARETO, "pareto")
-    info = choose_quality_metric(run.metrics, quality_metric)
+    (out_dir / "pareto.png").unlink(missing_ok=True)  # never leave a plot from an earlier build
     if info is None:
         section.add(Paragraph("No quality metric is available for this run, so there is no plot.", "note"))
         return section, None
     if not info.available:
         section.add(Paragraph(f"{info.name}: unavailable: {info.reason}; no plot.", "note"))
         return section, None
-    points, skipped = [], []
+    points, intervals, skipped = [], [], []
     for name, variant in run.variants.items():
         mem = memory_of(variant, memory)
         ci = analysis.mean(name, info.name, analysis.main_mode)
-        if mem is None or not isinstance(ci, BootstrapCI):
-            why = "no transformer size in run.json" if mem is None else ci.text  # type: ignore[union-attr]
-            skipped.append(f"{name} ({why})")
-            continue
-        points.append(
-            ParetoPoint(label=name, memory_bytes=mem, quality=ci.estimate, low=ci.low, high=ci.high)
-        )
+        if mem is None:
+            skipped.append(f"{name} (no transformer size in run.json)")
+        elif not isinstance(ci, BootstrapCI):
+            skipped.append(f"{name} ({ci.text})")
+        else:
+            points.append(
+                ParetoPoint(label=name, memory_bytes=mem, quality=ci.estimate, low=ci.low, high=ci.high)
+            )
+            intervals.append(ci)
     if not points:
         section.add(Paragraph(f"No variant has both a size and a {info.name} score; no plot.", "note"))
         return section, None
@@ -166,10 +170,9 @@ def _pareto_section(
         Figure("pareto.png", f"{info.name} against {label.lower()} per transformer", "* = non-dominated")
     )
     rows = []
-    for p, on in zip(points, front, strict=True):
-        size = Cell(f"{p.memory_bytes / 1e9:.2f} GB", title=f"{int(p.memory_bytes):,} bytes", css="num")
-        quality = Cell(ci_text(analysis.mean(p.label, info.name, analysis.main_mode)), css="num")  # type: ignore[arg-type]
-        rows.append([Cell(p.label, css="frontier" if on else None), size, quality, "yes" if on else "no"])
+    for p, ci, on in zip(points, intervals, front, strict=True):
+        size = Cell(f"{p.memory_bytes / 1e9:.2f} GB", title=f"{int(p.memory_bytes):,} bytes", css="num bytes")
+        rows.append([Cell(p.label, css="frontier" if on else None), size, ci_cell(ci), "yes" if on else "no"])
     section.add(
         Table(["Variant", f"{label} / transformer", f"{info.name} {arrow(info)}", "On frontier"], rows)
     )
@@ -259,6 +262,12 @@ def _notes_section(run: RunData) -> Section | None:
     if run.missing_images:
         shown = ", ".join(run.missing_images[:3]) + (", ..." if len(run.missing_images) > 3 else "")
         notes.append(f"metrics.json lists {len(run.missing_images)} image(s) missing on disk: {shown}.")
+    scored = {p for obs in run.scores.cells.values() for p, _seed in obs}
+    if 0 < len(scored) < MIN_PROMPTS:
+        notes.append(
+            f"Only {len(scored)} prompts are scored: bootstrap intervals from fewer than {MIN_PROMPTS} prompts "
+            "are narrower than their nominal level; read the sign-flip p-values first."
+        )
     for (variant, metric), count in sorted(run.scores.dropped_nonfinite.items()):
         notes.append(f"{variant} / {metric}: {count} non-finite or empty score(s) dropped.")
     if not notes:
@@ -283,11 +292,14 @@ def build_report(
     if memory not in MEMORY_KINDS:
         raise ConfigError(f"memory must be one of {', '.join(MEMORY_KINDS)}, got {memory!r}")
     run = load_run(run_dir)
+    quality = choose_quality_metric(
+        run.metrics, quality_metric
+    )  # a bad name fails before anything is written
     out = Path(out_dir) if out_dir is not None else run.root / "report"
     out.mkdir(parents=True, exist_ok=True)
     analysis = Analysis(run, settings or StatsSettings())
     log.info("building report for %s into %s", run.root, out)
-    pareto, pareto_png = _pareto_section(analysis, out, quality_metric, memory)
+    pareto, pareto_png = _pareto_section(analysis, out, quality, memory)
     grids, grid_paths = _grid_section(analysis, out, grid_prompts)
     notes = _notes_section(run)
     sections = [notes] if notes else []
@@ -303,7 +315,7 @@ def build_report(
     ]
     subtitle = (
         f"Run `{run.root.name}` · suite {run.suite or 'unknown'} · {len(run.variants)} variants · "
-        f"{len(run.prompt_ids)} prompts × {len(run.seeds)} seeds · reference {run.reference_variant or 'none'}"
+        f"{len(run.prompt_ids)} prompts × {len(run.seeds)} seed(s) · reference {run.reference_variant or 'none'}"
     )
     doc = Document(f"ditq benchmark report: {run.root.name}", subtitle, sections)
     index_html = out / "index.html"

@@ -21,6 +21,13 @@ def fmt_num(x: float, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+def fmt_interval(low: float, high: float, digits: int = 3) -> str:
+    """[low, high] with `digits` significant digits, more (up to 6) when the bounds would print the same."""
+    while digits < 6 and fmt_num(low, digits) == fmt_num(high, digits) and low != high:
+        digits += 1
+    return f"[{fmt_num(low, digits)}, {fmt_num(high, digits)}]"
+
+
 def fmt_p(p: float) -> str:
     if not math.isfinite(p):
         return "n/a"
@@ -43,8 +50,7 @@ def ci_cell(value: BootstrapCI | Missing) -> Cell:
     )
     if value.n < 2:
         return Cell(fmt_num(value.estimate), sub="(n=1, no CI)", title=title, css="num")
-    interval = f"[{fmt_num(value.low, 3)}, {fmt_num(value.high, 3)}]"
-    return Cell(fmt_num(value.estimate), sub=interval, title=title, css="num")
+    return Cell(fmt_num(value.estimate), sub=fmt_interval(value.low, value.high), title=title, css="num")
 
 
 def missing_cell(missing: Missing, *, span: bool = False) -> Cell:

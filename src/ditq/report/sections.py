@@ -11,6 +11,7 @@ from ditq.report.formatting import (
     arrow,
     bytes_cell,
     ci_cell,
+    fmt_interval,
     fmt_num,
     fmt_p,
     metric_header,
@@ -97,7 +98,7 @@ def _comparison_row(c: Comparison, info: MetricInfo, label: str) -> list[str | C
     if isinstance(c.result, Missing):
         return [label, missing_cell(c.result), "", "", "", "", ""]
     r = c.result
-    ci = f"[{fmt_num(r.low, 3)}, {fmt_num(r.high, 3)}]" if r.n > 1 else "n=1, no CI"
+    ci = fmt_interval(r.low, r.high) if r.n > 1 else "n=1, no CI"
     return [
         label,
         Cell(fmt_num(r.estimate), css="num"),

@@ -23,6 +23,7 @@ import numpy as np
 from scipy.special import ndtr, ndtri
 
 from ditq.errors import ConfigError
+from ditq.stats.permutation import sign_flip_pvalue
 
 Method = Literal["bca", "percentile"]
 DEFAULT_RESAMPLES = 10_000
@@ -211,8 +212,6 @@ def paired_difference(
     The CI resamples units, keeping each pair together; the p-value is the two-sided sign-flip permutation
     test of `ditq.stats.permutation.sign_flip_pvalue` with the same seed and resample count.
     """
-    from ditq.stats.permutation import sign_flip_pvalue
-
     x = _as_sample(a, "a")
     y = _as_sample(b, "b")
     if x.shape != y.shape:
