@@ -1,0 +1,142 @@
+"""NF4 weights in the bitsandbytes serialization (the official `ideogram-ai/ideogram-4-nf4` layout).
+
+On disk, per Linear `m`: `m.weight` uint8 [N*K/2, 1] (two 4-bit codes per byte), `m.weight.absmax` fp32 [N*K/64],
+`m.weight.quant_map` fp32 [16] (the NF4 code book), `m.weight.quant_state.bitsandbytes__nf4` uint8 bytes of a JSON
+object {"quant_type", "blocksize", "dtype", "shape"}; blocksize 64, no double quantization. Blocks run over the
+row-major flattened weight, so a range of whole rows is a contiguous range of bytes and absmax entries: that is how
+the fused qkv projection is split.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ditq.errors import CheckpointError
+from ditq.quant.formats.base import LinearFormat, register_format
+
+STATE_SUFFIXES = ("weight.quant_state.bitsandbytes__nf4", "weight.quant_state.bitsandbytes__fp4")
+NESTED = ("weight.nested_absmax", "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nested")
+
+
+def state_json(tensors: dict[str, torch.Tensor]) -> tuple[str, dict]:
+    for suffix in STATE_SUFFIXES:
+        if suffix in tensors:
+            try:
+                return suffix, json.loads(bytes(tensors[suffix].tolist()).decode())
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise CheckpointError(f"{suffix} does not hold a JSON quantization state") from None
+    raise CheckpointError("NF4 weight without a bitsandbytes quantization state")
+
+
+def encode_state(state: dict) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+
+
+def quantize_nf4(
+    weight: torch.Tensor, blocksize: int = 64, dtype: str = "bfloat16"
+) -> dict[str, torch.Tensor]:
+    """float [N, K] -> the serialized tensors (suffix -> tensor) of an NF4 Linear weight."""
+    from bitsandbytes.functional import quantize_4bit
+
+    packed, qs = quantize_4bit(weight.to(torch.bfloat16).contiguous(), blocksize=blocksize, quant_type="nf4")
+    state = {"quant_type": "nf4", "blocksize": blocksize, "dtype": dtype, "shape": list(weight.shape)}
+    return {
+        "weight": packed,
+        "weight.absmax": qs.absmax.float(),
+        "weight.quant_map": qs.code.float(),
+        "weight.quant_state.bitsandbytes__nf4": encode_state(state),
+    }
+
+
+class NF4Linear(torch.nn.Module):
+    """Linear layer with a resident NF4 weight: bitsandbytes' 4-bit matmul on CUDA, dequantize + matmul elsewhere.
+
+    (bitsandbytes' CPU kernel repacks weights and requires output widths divisible by its tile size; dequantizing
+    per forward works for every shape.)
+    """
+
+    def __init__(self, packed: torch.Tensor, stats: dict[str, torch.Tensor], bias, compute_dtype) -> None:
+        from bitsandbytes.functional import QuantState
+
+        super().__init__()
+        self.quant_state = QuantState.from_dict(stats, device=packed.device)
+        self.out_features, self.in_features = self.quant_state.shape
+        self.register_buffer("weight", packed)
+        self.register_buffer("absmax", self.quant_state.absmax)
+        self.register_buffer("bias", None if bias is None else bias.to(compute_dtype))
+        self.compute_dtype = compute_dtype
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.quant_state.absmax = self.absmax
+        self.quant_state.code = fn(self.quant_state.code)
+        return self
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(self.weight, self.quant_state).to(dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if x.is_cuda:
+            import bitsandbytes as bnb
+
+            self.quant_state.dtype = x.dtype
+            out = bnb.matmul_4bit(x, self.weight.t(), quant_state=self.quant_state)
+            return out if bias is None else out + bias
+        return torch.nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4"
+
+
+@register_format
+class NF4Format(LinearFormat):
+    name = "nf4"
+    extra_suffixes = ("weight.absmax", "weight.quant_map", *STATE_SUFFIXES, *NESTED)
+    bits_per_weight = 4.5
+
+    def matches(self, tensors) -> bool:
+        return any(s in tensors for s in STATE_SUFFIXES)
+
+    def weight_shape(self, tensors) -> tuple[int, int]:
+        return tuple(state_json(tensors)[1]["shape"])
+
+    def _stats(self, tensors) -> dict[str, torch.Tensor]:
+        return {k[len("weight.") :]: v for k, v in tensors.items() if k.startswith("weight.")}
+
+    def build(self, tensors, compute_dtype, **_):
+        return NF4Linear(tensors["weight"], self._stats(tensors), tensors.get("bias"), compute_dtype)
+
+    def dequantize(self, tensors) -> torch.Tensor:
+        from bitsandbytes.functional import QuantState, dequantize_4bit
+
+        qs = QuantState.from_dict(self._stats(tensors), device=torch.device("cpu"))
+        return dequantize_4bit(tensors["weight"], qs).float()
+
+    def slice_rows(self, suffix, tensor, part, parts):
+        if any(s in suffix for s in ("nested",)):
+            raise CheckpointError("double-quantized NF4 cannot be split into q/k/v; store it unfused")
+        if suffix == "weight.quant_map":
+            return tensor
+        if suffix in STATE_SUFFIXES:
+            state = json.loads(bytes(tensor.tolist()).decode())
+            state["shape"] = [state["shape"][0] // parts, state["shape"][1]]
+            return encode_state(state)
+        n = tensor.shape[0]
+        if n % parts:
+            raise CheckpointError(f"NF4 tensor {suffix} with {n} entries cannot be split into {parts} parts")
+        step = n // parts
+        return tensor[part * step : (part + 1) * step]
+
+    def join_rows(self, suffix, tensors):
+        if suffix == "weight.quant_map":
+            return tensors[0]
+        if suffix in STATE_SUFFIXES:
+            states = [json.loads(bytes(t.tolist()).decode()) for t in tensors]
+            merged = dict(states[0], shape=[sum(s["shape"][0] for s in states), states[0]["shape"][1]])
+            return encode_state(merged)
+        return torch.cat(tensors, dim=0)

@@ -1,0 +1,171 @@
+"""`quantize_pipeline(source, out, recipe)`: a complete pipeline folder with both transformers quantized.
+
+Recipes are registered by name; each converts one transformer component folder. Everything else (scheduler,
+tokenizer, text encoder, VAE, prompt-enhancer head) is reused from the source (hard-linked where possible). The
+output is built under `<out>.partial/` and renamed when complete; an interrupted run resumes with the transformers
+it already finished. `ditq.json` records the recipe, the source and the ditq version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ditq import __version__
+from ditq.errors import ConfigError
+from ditq.registry import Registry
+
+log = logging.getLogger(__name__)
+TRANSFORMERS = ("transformer", "unconditional_transformer")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    format: str
+    description: str
+    # (source component folder, destination component folder, options) -> summary dict
+    convert: Callable[[Path, Path, dict], dict]
+
+
+RECIPES: Registry[Recipe] = Registry("recipe")
+
+
+def _gguf(name: str) -> Callable[[Path, Path, dict], dict]:
+    def convert(src: Path, dst: Path, options: dict) -> dict:
+        from ditq.quant.recipes.gguf import GGUF_NAME, GGUFRecipe, write_transformer_gguf
+
+        imatrix = None
+        stats = options.get("stats")
+        if stats is not None:
+            from ditq.quant.int8.calibrate import importance
+
+            def imatrix(module: str, _t=src.name):
+                return importance(stats, _t, module)
+
+        recipe = GGUFRecipe(name=name, threads=options.get("threads"))
+        return write_transformer_gguf(src, dst / GGUF_NAME, recipe, imatrix, options.get("progress", True))
+
+    return convert
+
+
+def _nf4(src: Path, dst: Path, options: dict) -> dict:
+    from ditq.quant.recipes.nf4 import write_transformer_nf4
+
+    return write_transformer_nf4(
+        src, dst / "diffusion_pytorch_model.safetensors", options.get("progress", True)
+    )
+
+
+def _int8(src: Path, dst: Path, options: dict) -> dict:
+    from ditq.quant.int8.convert import convert_component
+
+    return convert_component(src, dst, options)
+
+
+for _name, _desc in (
+    ("q8_0", "GGUF Q8_0 (8.5 bits/weight)"),
+    ("q6_k", "GGUF Q6_K (6.56 bits/weight)"),
+    ("q5_k", "GGUF Q5_K (5.5 bits/weight)"),
+    ("q5_k_m", "GGUF Q5_K with qkv and ffn-down in Q6_K"),
+    ("q4_k", "GGUF Q4_K (4.5 bits/weight)"),
+    ("q4_k_m", "GGUF Q4_K with qkv and ffn-down in Q5_K"),
+    ("q3_k", "GGUF Q3_K (3.44 bits/weight)"),
+    ("q3_k_m", "GGUF Q3_K with qkv and ffn-down in Q4_K"),
+    ("q2_k", "GGUF Q2_K (2.63 bits/weight)"),
+):
+    RECIPES.add(_name, Recipe(_name, "gguf", _desc, _gguf(_name)))
+RECIPES.add("nf4", Recipe("nf4", "nf4", "bitsandbytes NF4, blocksize 64 (official NF4 layout)", _nf4))
+RECIPES.add(
+    "int8",
+    Recipe("int8", "int8", "W8A8: int8 per-channel weights, per-token activations, SmoothQuant", _int8),
+)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    def copy(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=copy, dirs_exist_ok=True)
+
+
+def quantize_pipeline(
+    source: str,
+    out: str | os.PathLike,
+    recipe: str,
+    options: dict | None = None,
+    force: bool = False,
+) -> Path:
+    """Write `out` = the pipeline at `source` with both transformers converted by `recipe`."""
+    from ditq.models.loading import check_folder, read_recipe, resolve_source
+
+    spec = RECIPES.get(recipe)
+    options = dict(options or {})
+    src = resolve_source(source)
+    index = check_folder(src)
+    src_recipe = read_recipe(src)
+    if src_recipe and src_recipe.get("format") not in (None, "fp8", "bf16"):
+        raise ConfigError(
+            f"{src} is already quantized ({src_recipe.get('format')}); quantize from the FP8 or bf16 reference"
+        )
+    out = Path(out)
+    record = {
+        "format": spec.format,
+        "recipe": {
+            "name": spec.name,
+            **{k: v for k, v in options.items() if k in ("alpha", "protect", "protect_bytes")},
+        },
+        "source": str(source),
+        "source_folder": str(src),
+        "ditq_version": __version__,
+    }
+    if (out / "ditq.json").is_file() and not force:
+        done = json.loads((out / "ditq.json").read_text())
+        if done.get("recipe", {}).get("name") == spec.name and done.get("source_folder") == str(src):
+            log.info("%s already holds %s from %s; skipping", out, spec.name, src)
+            return out
+        raise ConfigError(
+            f"{out} already holds a different model ({done.get('recipe')}); use another -o or --force"
+        )
+    tmp = out.with_name(out.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for comp in index:
+        if comp.startswith("_") or comp in TRANSFORMERS or not (src / comp).is_dir():
+            continue
+        _link_or_copy(src / comp, tmp / comp)
+    for f in src.iterdir():
+        if f.is_file() and f.name != "ditq.json":
+            shutil.copy2(f, tmp / f.name)
+    summaries = {}
+    for comp in TRANSFORMERS:
+        dst = tmp / comp
+        marker = dst / ".ditq-done.json"
+        if marker.is_file():
+            summaries[comp] = json.loads(marker.read_text())
+            log.info("%s: already converted, resuming after it", comp)
+            continue
+        if dst.exists():
+            shutil.rmtree(dst)
+        dst.mkdir(parents=True)
+        shutil.copy2(src / comp / "config.json", dst / "config.json")
+        start = time.perf_counter()
+        summaries[comp] = spec.convert(src / comp, dst, {**options, "component": comp})
+        summaries[comp].setdefault("seconds", time.perf_counter() - start)
+        marker.write_text(json.dumps(summaries[comp], default=str))
+    for comp in TRANSFORMERS:
+        (tmp / comp / ".ditq-done.json").unlink()
+    record["summary"] = summaries
+    (tmp / "ditq.json").write_text(json.dumps(record, indent=2, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
