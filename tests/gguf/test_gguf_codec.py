@@ -51,6 +51,20 @@ def test_quantize_matches_llama_cpp_bytes(qtype, mode, ref_input, ref_imatrix):
 
 
 @pytest.mark.parametrize("qtype", REFERENCE_TYPES)
+@pytest.mark.parametrize("mode", ["chunk", "imat"])
+def test_quantize_column_slices_and_partial_tiles_match(qtype, mode, ref_input, ref_imatrix):
+    # blocks are independent (the imatrix is per column), so the first 768 columns must give the reference
+    # rows' first bytes; 5 rows x 3 super-blocks and single rows leave the encoder's tiles partly filled
+    cols = 768
+    imatrix = ref_imatrix[:cols] if mode == "imat" else None
+    ref = _reference(qtype, mode, ref_input.shape[0])[:, : G.row_bytes(qtype, cols)]
+    ours = G.quantize(ref_input[:5, :cols], qtype, imatrix)
+    assert np.array_equal(ours, ref[:5]), _differing_rows(ours, ref[:5])
+    for r in (20, 23, 26):
+        assert np.array_equal(G.quantize(ref_input[r, :cols], qtype, imatrix), ref[r : r + 1]), f"row {r}"
+
+
+@pytest.mark.parametrize("qtype", REFERENCE_TYPES)
 def test_dequantize_matches_gguf_py(qtype, ref_input, ref_imatrix):
     for imatrix in (None, ref_imatrix):
         q = G.quantize(ref_input, qtype, imatrix)

@@ -9,6 +9,7 @@ GGUFFile(path)                                                           checked
 from __future__ import annotations
 
 from ditq.gguf import floats, q2_k, q3_k, q4_k, q6_k, q8_0  # noqa: F401  (registers the codecs)
+from ditq.gguf._jit import thread_count, threads
 from ditq.gguf.codec import (
     BLOCK_LAYOUT,
     BlockCodec,
@@ -37,4 +38,6 @@ __all__ = [
     "resolve_qtype",
     "row_bytes",
     "tensor_bytes",
+    "thread_count",
+    "threads",
 ]
