@@ -101,6 +101,14 @@ def test_quantize_any_leading_shape_and_thread_count(qtype, ref_input):
     assert G.dequantize(flat.reshape(2, 4, -1), qtype).shape == (2, 4, x.shape[1])
 
 
+@pytest.mark.parametrize("qtype", [*REFERENCE_TYPES, "F16"])
+def test_zero_rows(qtype):
+    block = G.codec(qtype).block_size
+    q = G.quantize(np.zeros((0, 2 * block), np.float32), qtype)
+    assert q.shape == (0, G.row_bytes(qtype, 2 * block)) and q.dtype == np.uint8
+    assert G.dequantize(q, qtype).shape == (0, 2 * block)
+
+
 @pytest.mark.parametrize("qtype", REFERENCE_TYPES)
 def test_row_length_not_multiple_of_block_raises_config_error(qtype):
     block = G.codec(qtype).block_size

@@ -213,3 +213,18 @@ def test_unknown_metadata_value_type(tmp_path, small):
     pos = 24 + 8 + 1
     with pytest.raises(CheckpointError, match="metadata 'k': unknown value type 77"):
         G.GGUFFile(_bad(tmp_path, blob[:pos] + struct.pack("<I", 77) + blob[pos + 4 :]))
+
+
+def test_overlapping_tensors(tmp_path):
+    path = tmp_path / "two.gguf"
+    x = np.ones((2, 32), np.float32)
+    with G.GGUFStreamWriter(
+        path, [G.TensorSpec("a", x.shape, "Q8_0"), G.TensorSpec("b", x.shape, "Q8_0")]
+    ) as w:
+        w.write_tensor("a", x)
+        w.write_tensor("b", x)
+    blob = path.read_bytes()
+    pos = 24 + (8 + 1 + 4 + 16 + 4 + 8) + (8 + 1 + 4 + 16 + 4)  # tensor b's offset field
+    assert struct.unpack("<Q", blob[pos : pos + 8])[0] == 96
+    with pytest.raises(CheckpointError, match="tensor 'a' .* overlaps tensor 'b'"):
+        G.GGUFFile(_bad(tmp_path, blob[:pos] + struct.pack("<Q", 32) + blob[pos + 8 :]))

@@ -163,7 +163,7 @@ def quantize(
                 f"cannot quantize shape {shape} as {c.qtype.name}: non-finite value (NaN or Inf) in row {r} "
                 f"near column {col}"
             ) from None
-    return out.reshape(rows, -1)
+    return out.reshape(rows, row_len // c.block_size * c.type_size)
 
 
 def dequantize(

@@ -167,6 +167,13 @@ class GGUFFile:
         self.tensors: dict[str, TensorInfo] = {}
         for name, ne, type_id, offset in infos:
             self.tensors[name] = self._check_tensor(name, ne, type_id, offset, size)
+        by_start = sorted(self.tensors.values(), key=lambda t: t.offset)
+        for a, b in zip(by_start, by_start[1:], strict=False):
+            if a.offset + a.nbytes > b.offset:
+                raise CheckpointError(
+                    f"{self.path}: tensor {a.name!r} (bytes [{a.offset}, {a.offset + a.nbytes})) overlaps tensor "
+                    f"{b.name!r} (from byte {b.offset}): corrupt offsets"
+                )
 
     def _check_tensor(
         self, name: str, ne: tuple[int, ...], type_id: int, offset: int, size: int
