@@ -1,0 +1,523 @@
+"""Streaming conversion of an Ideogram 4 transformer checkpoint (official FP8, or float) to INT8 W8A8 files.
+
+Two passes over the source, each reading one tensor at a time:
+1. decide: for every smoothing group, load its weights (dequantized to float32), search α on the calibration
+   samples and decide fold / keep-bf16 / plain. Only the smoothing vectors are kept.
+2. write: declare every output tensor (dtypes and shapes follow from the decisions), then per top-level part and
+   per transformer block, dequantize each tensor, fold 1/s into norm weights and producing rows, scale the
+   columns by s, quantize per output row and append it to the file.
+Peak memory is about the largest single weight in float32 plus its int8 copy, not the model. Tensors are read with
+plain file reads rather than through a memory map, so the pages of a 9 GB source do not pile up in the process.
+
+Output: `diffusion_pytorch_model.safetensors` in ComfyUI's `comfy_quant` INT8 layout (see
+`ditq.quant.formats.int8`), official fused names, and `config.json`; the recipe is in the metadata under
+`ditq.recipe`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ditq.errors import CheckpointError, ConfigError
+from ditq.interop.keys import detect_layout, fused_module_name, split_to_fused, strip_prefix
+from ditq.io.safetensors_io import StreamingSafetensorsWriter, TensorInfo, TensorSource
+from ditq.models.weights import group_by_module
+from ditq.quant.formats.fp8 import SCALE_ALIASES
+from ditq.quant.formats.int8 import QUANT_METADATA_KEY, marker_tensor, quantization_metadata
+from ditq.quant.int8.calibrate import CalibrationStats, fingerprint
+from ditq.quant.int8.config import (
+    GroupDecision,
+    Int8W8A8Config,
+    SmoothQuantConfig,
+    decide_group,
+    protected_set,
+    recipe_dict,
+)
+from ditq.quant.int8.linear import quantize_weight_per_channel
+from ditq.quant.int8.smoothquant import fold_into_norm, smooth_groups
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+RECIPE_KEY = "ditq.recipe"
+SDCPP_BLOCK = 32  # stable-diffusion.cpp repacks int8 rows into Q8_0 blocks of 32
+_BLOCK_RE = re.compile(r"^layers\.(\d+)\.")
+_QKV_RE = re.compile(r"^(layers\.\d+\.attention\.)to_([qkv])$")
+
+
+@dataclass
+class ConvertReport:
+    transformer: str
+    path: Path
+    quantized: list[str]
+    kept_float: dict[str, str]
+    groups: dict[str, dict]
+    bytes_written: int
+    seconds: float
+    recipe: dict = field(repr=False, default_factory=dict)
+
+
+class _Reader:
+    """Fused-name view of a component's tensors, read with plain file reads (split q/k/v are concatenated)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.src = TensorSource(folder)
+        self.folder = folder
+        names = {strip_prefix(k): k for k in self.src.keys()}
+        if detect_layout(names) == "split":
+            self.keys = split_to_fused(names, row_joiner=lambda suffix, parts: tuple(parts))
+        else:
+            self.keys = names
+        self._files: dict[Path, object] = {}
+
+    def infos(self, name: str) -> list[TensorInfo]:
+        key = self.keys[name]
+        return [self.src.info(k) for k in (key if isinstance(key, tuple) else (key,))]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.infos(name)[0].dtype
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        infos = self.infos(name)
+        return (sum(i.shape[0] for i in infos), *infos[0].shape[1:]) if infos[0].shape else infos[0].shape
+
+    def get(self, name: str) -> torch.Tensor:
+        parts = [self._read(i) for i in self.infos(name)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def _read(self, info: TensorInfo) -> torch.Tensor:
+        f = self._files.get(info.file)
+        if f is None:
+            f = self._files[info.file] = open(info.file, "rb")  # noqa: SIM115 - closed in close()
+        buf = np.empty(info.nbytes, dtype=np.uint8)
+        f.seek(info.begin)
+        if f.readinto(memoryview(buf)) != info.nbytes:
+            raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
+        t = torch.from_numpy(buf)
+        if info.dtype == torch.bool:
+            return t.to(torch.bool).reshape(info.shape)
+        return (
+            t.view(info.dtype).reshape(info.shape)
+            if info.nbytes
+            else torch.empty(info.shape, dtype=info.dtype)
+        )
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def _linear_names(folder: Path) -> dict[str, tuple[int, int]]:
+    """{split Linear name: (out, in)} of the model this component folder's config describes (built on meta)."""
+    from accelerate import init_empty_weights
+    from diffusers import Ideogram4Transformer2DModel
+
+    from ditq.quant.int8.calibrate import linear_shapes
+
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: no config.json")
+    with init_empty_weights():
+        model = Ideogram4Transformer2DModel.from_config(Ideogram4Transformer2DModel.load_config(folder))
+    return linear_shapes(model)
+
+
+def _split_part(name: str) -> tuple[str, int, int]:
+    """(fused module, part, parts) of a diffusers Linear name."""
+    m = _QKV_RE.match(name)
+    if m:
+        return f"{m.group(1)}qkv", "qkv".index(m.group(2)), 3
+    return fused_module_name(name), 0, 1
+
+
+def _unit(module: str) -> int:
+    m = _BLOCK_RE.match(module)
+    return int(m.group(1)) if m else -1
+
+
+def _check_stats(
+    stats: CalibrationStats, transformer: str, linears: dict[str, tuple[int, int]], where: str
+) -> None:
+    for name, (_, k) in linears.items():
+        if not stats.has(transformer, name):
+            raise CheckpointError(
+                f"{where}: the calibration statistics have no entry for layer {name} of {transformer} "
+                "(statistics from another model?)"
+            )
+        got = stats.get(transformer, name).in_features
+        if got != k:
+            raise CheckpointError(
+                f"{where}: layer {name} has {k} input channels but the calibration statistics have {got} "
+                "(statistics from another model?)"
+            )
+    want = stats.meta.get("models", {}).get(transformer, {}).get("fingerprint")
+    if want and want != fingerprint(linears):
+        raise CheckpointError(
+            f"{where}: the calibration statistics were recorded on a model with different layer shapes "
+            f"(fingerprint {want}, this checkpoint {fingerprint(linears)})"
+        )
+
+
+class _Converter:
+    def __init__(self, src: Path, config, stats, transformer: str, protect: Iterable[str]) -> None:
+        self.src, self.config, self.stats, self.transformer = src, config, stats, transformer
+        self.reader = _Reader(src)
+        self.linears = _linear_names(src)
+        self.modules = group_by_module(list(self.reader.keys))
+        base = config.base if isinstance(config, SmoothQuantConfig) else config
+        self.protected = protected_set(self.linears, (*base.protect, *protect))
+        self.reasons = {n: "protected" for n in self.protected}
+        for n, (_, k) in self.linears.items():
+            if k % SDCPP_BLOCK and n not in self.protected:
+                self.protected.add(n)
+                self.reasons[n] = (
+                    f"in_features {k} is not a multiple of {SDCPP_BLOCK} (stable-diffusion.cpp Q8_0 rows)"
+                )
+        self._check_source()
+
+    def _check_source(self) -> None:
+        fused = {_split_part(n)[0] for n in self.linears}
+        for name in fused:
+            suffixes = self.modules.get(name)
+            if suffixes is None or "weight" not in suffixes:
+                raise CheckpointError(f"{self.src}: missing tensor {name}.weight")
+            dt = self.reader.dtype(f"{name}.weight")
+            if dt == torch.int8:
+                raise CheckpointError(
+                    f"{self.src}: {name}.weight is already int8 (the source is already INT8-quantized); "
+                    "convert from the FP8 or bf16 checkpoint"
+                )
+            if not dt.is_floating_point:
+                raise CheckpointError(
+                    f"{self.src}: {name}.weight has dtype {dt}; expected FP8 or a float type"
+                )
+            extra = set(suffixes) - {"weight", "bias", *SCALE_ALIASES}
+            if extra:
+                raise CheckpointError(
+                    f"{self.src}: {name} has tensors {sorted(extra)}; only FP8 (weight_scale) or float sources convert"
+                )
+
+    # -- reading
+    def fused_weight(self, fused: str) -> torch.Tensor:
+        """float32 [N, K] of a fused Linear as the source stores it (FP8 dequantized)."""
+        w = self.reader.get(f"{fused}.weight")
+        scale = next((s for s in SCALE_ALIASES if s in self.modules[fused]), None)
+        if w.dtype == torch.float8_e4m3fn or scale is not None:
+            if scale is None:
+                raise CheckpointError(f"{self.src}: {fused}.weight is {w.dtype} without a weight_scale")
+            return w.float() * self.reader.get(f"{fused}.{scale}").float().reshape(-1)[:, None]
+        return w.float()
+
+    def split_weight(self, name: str) -> torch.Tensor:
+        fused, part, parts = _split_part(name)
+        w = self.fused_weight(fused)
+        step = w.shape[0] // parts
+        return w[part * step : (part + 1) * step]
+
+    # -- pass 1
+    def decide(self, progress: bool) -> list[GroupDecision]:
+        from tqdm.auto import tqdm
+
+        groups = smooth_groups(self.linears)
+        cache: dict[str, torch.Tensor] = {}
+
+        def weight(name: str) -> torch.Tensor:
+            fused = _split_part(name)[0]
+            if fused not in cache:
+                cache.clear()
+                cache[fused] = self.fused_weight(fused)
+            _, part, parts = _split_part(name)
+            w = cache[fused]
+            step = w.shape[0] // parts
+            return w[part * step : (part + 1) * step]
+
+        decisions = []
+        for g in tqdm(groups, desc=f"alpha {self.transformer}", disable=not progress):
+            d = decide_group(g, weight, self.stats, self.transformer, self.config, self.protected)
+            if d.mode == "explicit":  # a file cannot carry an unfolded smoothing vector
+                d = GroupDecision(
+                    g, "bf16", d.choice, d.reason.split(";")[0] + " but cannot be folded on disk"
+                )
+            decisions.append(d)
+        cache.clear()
+        for d in decisions:
+            if d.mode == "bf16":
+                for n in d.group.linears:
+                    self.reasons.setdefault(n, d.reason)
+                    self.protected.add(n)
+        return decisions
+
+    # -- pass 2
+    def plan_outputs(self, decisions: list[GroupDecision]):
+        col: dict[str, torch.Tensor] = {}
+        rows: dict[str, list[tuple[int, int, torch.Tensor]]] = {}
+        norms: dict[str, torch.Tensor] = {}
+        for d in decisions:
+            if d.mode != "folded":
+                continue
+            for n in d.group.linears:
+                col[n] = d.s
+            kind, target = d.group.fold
+            if kind == "norm":
+                norms[target] = d.s
+            else:
+                fused, part, parts = _split_part(target)
+                rows.setdefault(fused, []).append((part, parts, d.s))
+        fused_lin: dict[str, list[str]] = {}
+        for n in self.linears:
+            fused_lin.setdefault(_split_part(n)[0], []).append(n)
+        quantized = {f for f, members in fused_lin.items() if not any(m in self.protected for m in members)}
+        return col, rows, norms, fused_lin, quantized
+
+    def specs(self, fused_lin, quantized) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        order = sorted(self.modules, key=lambda m: (_unit(m), m))
+        specs = {}
+        marker = marker_tensor()
+        for module in order:
+            suffixes = self.modules[module]
+            mine: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+            if module in fused_lin:
+                n, k = self.reader.shape(f"{module}.weight")
+                if module in quantized:
+                    mine["weight"] = (torch.int8, (n, k))
+                    mine["weight_scale"] = (torch.float32, (n, 1))
+                    mine["comfy_quant"] = (torch.uint8, tuple(marker.shape))
+                else:
+                    mine["weight"] = (torch.bfloat16, (n, k))
+                if "bias" in suffixes:
+                    mine["bias"] = (self.reader.dtype(f"{module}.bias"), self.reader.shape(f"{module}.bias"))
+            else:
+                for sfx in suffixes:
+                    mine[sfx] = (self.reader.dtype(f"{module}.{sfx}"), self.reader.shape(f"{module}.{sfx}"))
+            for sfx in sorted(mine):
+                specs[f"{module}.{sfx}"] = mine[sfx]
+        return specs
+
+    def linear_tensors(
+        self, module: str, members: list[str], col, rows, quantize: bool
+    ) -> dict[str, torch.Tensor]:
+        w = self.fused_weight(module)
+        bias = self.reader.get(f"{module}.bias") if "bias" in self.modules[module] else None
+        b = None if bias is None else bias.float()
+        step = w.shape[0] // len(members)
+        for part, parts, s in rows.get(module, []):
+            lo, hi = part * w.shape[0] // parts, (part + 1) * w.shape[0] // parts
+            w[lo:hi] /= s[:, None]
+            if b is not None:
+                b[lo:hi] /= s
+        for i, n in enumerate(members):
+            if n in col:
+                w[i * step : (i + 1) * step] *= col[n][None, :]
+        out = {}
+        if quantize:
+            q, scale = quantize_weight_per_channel(w)
+            out["weight"], out["weight_scale"], out["comfy_quant"] = (
+                q,
+                scale[:, None].contiguous(),
+                marker_tensor(),
+            )
+        else:
+            out["weight"] = w.to(torch.bfloat16)
+        if bias is not None:
+            out["bias"] = b.to(bias.dtype)
+        return out
+
+    def write(self, dst: Path, decisions: list[GroupDecision], progress: bool) -> tuple[ConvertReport, dict]:
+        from tqdm.auto import tqdm
+
+        col, rows, norms, fused_lin, quantized = self.plan_outputs(decisions)
+        specs = self.specs(fused_lin, quantized)
+        kept = {}
+        for n in sorted(self.protected):
+            kept.setdefault(fused_module_name(n), self.reasons.get(n, "protected"))
+        recipe = recipe_dict(self.config, decisions, kept, self.stats)
+        recipe["transformer"] = self.transformer
+        recipe["quantized"] = sorted(quantized)
+        metadata = {
+            "format": "pt",
+            RECIPE_KEY: json.dumps(recipe),
+            QUANT_METADATA_KEY: quantization_metadata(sorted(quantized)),
+        }
+        order = sorted(self.modules, key=lambda m: (_unit(m), m))
+        path = dst / WEIGHTS_NAME
+        with StreamingSafetensorsWriter(path, specs, metadata) as writer:
+            for module in tqdm(order, desc=f"write {self.transformer}", disable=not progress):
+                if module in fused_lin:
+                    members = sorted(fused_lin[module], key=lambda n: _split_part(n)[1])
+                    tensors = self.linear_tensors(module, members, col, rows, module in quantized)
+                else:
+                    tensors = {s: self.reader.get(f"{module}.{s}") for s in self.modules[module]}
+                    if module in norms and "weight" in tensors:
+                        tensors["weight"] = fold_into_norm(tensors["weight"], norms[module])
+                for s in sorted(tensors):
+                    writer.write(f"{module}.{s}", tensors[s])
+        return ConvertReport(
+            transformer=self.transformer,
+            path=path,
+            quantized=sorted(quantized),
+            kept_float=kept,
+            groups={d.group.name: d.summary() for d in decisions},
+            bytes_written=path.stat().st_size,
+            seconds=0.0,
+            recipe=recipe,
+        ), recipe
+
+
+def convert_transformer_int8(
+    src_folder: str | Path,
+    dst_folder: str | Path,
+    stats: CalibrationStats | str | Path | None,
+    config: SmoothQuantConfig | Int8W8A8Config,
+    *,
+    transformer: str | None = None,
+    protect: Iterable[str] = (),
+    progress: bool = True,
+) -> ConvertReport:
+    """Convert one transformer component folder to INT8; `protect` adds layers kept in bf16.
+
+    `stats` (a `CalibrationStats` or its file) is required for SmoothQuant; `transformer` names the entry of the
+    statistics to use (default: the source folder's name).
+    """
+    t0 = time.perf_counter()
+    src, dst = Path(src_folder), Path(dst_folder)
+    if isinstance(config, SmoothQuantConfig) and config.step != "convert":
+        raise ConfigError("convert_transformer_int8 needs a SmoothQuantConfig with step='convert'")
+    if not isinstance(config, SmoothQuantConfig | Int8W8A8Config):
+        raise ConfigError(
+            f"config must be an Int8W8A8Config or SmoothQuantConfig, got {type(config).__name__}"
+        )
+    if isinstance(stats, str | Path):
+        stats = CalibrationStats.load(stats)
+    transformer = transformer or src.name
+    if isinstance(config, SmoothQuantConfig):
+        if stats is None:
+            raise ConfigError("SmoothQuant conversion needs calibration statistics (ditq calibrate)")
+        if transformer not in stats.modules and len(stats.transformers) == 1:
+            transformer = stats.transformers[0]
+    conv = _Converter(src, config, stats, transformer, protect)
+    try:
+        if isinstance(config, SmoothQuantConfig):
+            _check_stats(stats, transformer, conv.linears, str(src))
+        decisions = conv.decide(progress)
+        dst.mkdir(parents=True, exist_ok=True)
+        report, _ = conv.write(dst, decisions, progress)
+        cfg = json.loads((src / "config.json").read_text())
+        cfg.pop("quantization_config", None)
+        (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    finally:
+        conv.reader.close()
+    report.seconds = time.perf_counter() - t0
+    log.info(
+        "%s: %d layers int8, %d kept bf16, %.1f MB in %.1f s",
+        transformer,
+        len(report.quantized),
+        len(report.kept_float),
+        report.bytes_written / 1e6,
+        report.seconds,
+    )
+    return report
+
+
+def _link_or_copy(a: str, b: str) -> None:
+    try:
+        os.link(a, b)
+    except OSError:
+        shutil.copy2(a, b)
+
+
+TRANSFORMERS = ("transformer", "unconditional_transformer")
+
+
+def quantize_pipeline_int8(
+    src_folder: str | Path,
+    dst_folder: str | Path,
+    stats_path: str | Path | None,
+    config: SmoothQuantConfig | Int8W8A8Config,
+    *,
+    fragility: str | Path | None = None,
+    budget: str | None = None,
+    name: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Write a complete INT8 pipeline folder (DESIGN.md layout): both transformers converted, every other
+    component copied (hard links where possible), `ditq.json` with the recipe. With a fragility table and a budget
+    (`ProtectBudget.parse` syntax), the most fragile layers within the budget are kept in bf16 as well.
+    Returns the `ditq.json` content."""
+    from datetime import UTC, datetime
+
+    from ditq import __version__
+    from ditq.models.loading import check_folder, resolve_source
+    from ditq.quant.int8.sensitivity import ProtectBudget, choose_protected, read_csv
+
+    src = resolve_source(str(src_folder))
+    check_folder(src)
+    dst = Path(dst_folder)
+    if dst.exists() and any(dst.iterdir()):
+        raise ConfigError(f"{dst}: exists and is not empty; choose a new output folder")
+    stats = CalibrationStats.load(stats_path) if stats_path is not None else None
+    extra: dict[str, list[str]] = {}
+    if (fragility is None) != (budget is None):
+        raise ConfigError("a protect budget needs a fragility table (ditq sensitivity) and vice versa")
+    if fragility is not None:
+        extra = choose_protected(read_csv(fragility), ProtectBudget.parse(budget), _base(config).protect)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        for item in sorted(src.iterdir()):
+            if item.name in TRANSFORMERS or item.name == "ditq.json":
+                continue
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(str(item), str(tmp / item.name))
+        reports = {}
+        for tr in TRANSFORMERS:
+            reports[tr] = convert_transformer_int8(
+                src / tr,
+                tmp / tr,
+                stats,
+                config,
+                transformer=tr,
+                protect=extra.get(tr, ()),
+                progress=progress,
+            )
+        name = name or ("int8-smoothquant" if isinstance(config, SmoothQuantConfig) else "int8")
+        info = {
+            "format": "int8",
+            "name": name,
+            "recipe": {
+                "name": name,
+                "config": config.to_dict(),
+                "protect_budget": budget,
+                "transformers": {tr: r.recipe for tr, r in reports.items()},
+            },
+            "source": str(src_folder),
+            "ditq_version": __version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        (tmp / "ditq.json").write_text(json.dumps(info, indent=2))
+        if dst.exists():
+            dst.rmdir()
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
+
+def _base(config) -> Int8W8A8Config:
+    return config.base if isinstance(config, SmoothQuantConfig) else config
