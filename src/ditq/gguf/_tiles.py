@@ -14,7 +14,7 @@ import numpy as np
 from ditq.gguf._jit import JIT, f32
 
 QK_K = 256
-TB = 8  # super-blocks per tile
+TB = 16  # super-blocks per tile
 
 
 @numba.njit(**JIT)
