@@ -22,6 +22,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from ditq.errors import ConfigError
+
 f32 = np.float32
 
 
@@ -175,7 +177,11 @@ _THREADS: ContextVar[int | None] = ContextVar("ditq_gguf_threads", default=None)
 def thread_count() -> int:
     """Threads the codecs use now: the innermost `threads(n)` setting, else every core this process may use."""
     n = _THREADS.get()
-    return n if n is not None else len(os.sched_getaffinity(0))
+    if n is not None:
+        return n
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @contextmanager
@@ -185,8 +191,6 @@ def threads(n: int | None) -> Iterator[None]:
         yield
         return
     if n < 1:
-        from ditq.errors import ConfigError
-
         raise ConfigError(f"threads={n}: must be at least 1")
     token = _THREADS.set(n)
     try:

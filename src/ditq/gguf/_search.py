@@ -25,8 +25,12 @@ _TENTH = f32(0.1)
 
 @numba.njit(**JIT)
 def fit_affine(x, w, nmax, rmin, rdelta, nstep, use_mad, L, Laux, scale, neg_min):
-    """Affine grid `scale * l + min`, l in 0..nmax, min <= 0, fitted by weighted least squares over nstep + 1
-    trial scales; an accepted trial's min is where the next trial's grid starts (make_qkx2/qkx3_quants).
+    """Affine grid `scale * l + min`, l in 0..nmax, min <= 0 (make_qkx2_quants / make_qkx3_quants): for each of
+    nstep + 1 trial scales, round onto the grid, solve weighted least squares for scale and min, and keep the
+    trial with the lowest weighted squared (use_mad: absolute) error. An accepted trial's min is the origin of
+    the next trial's grid. Levels are rounded with nearest_int's full behaviour, including its garbage beyond
+    |v| > 4194303 before the clamp, as the ggml these bytes were checked against does (newer ggml clamps first
+    in make_qkx3_quants; the two differ only for such values).
 
     x, w: float32 (n, T). Writes L int32 (n, T), scale (T,) and neg_min (T,) = -min; Laux is float32 scratch.
     The levels of the best grid so far are not copied on every acceptance: the grid (its iscale and origin) is

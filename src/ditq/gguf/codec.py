@@ -125,7 +125,8 @@ def quantize(
     """Encode `array` (..., row_len), any real dtype, as `qtype`, bit-exact with llama.cpp's reference.
 
     imatrix: float32 (row_len,) per-input-column importance (llama.cpp's imatrix for this weight), applied to every
-    row; used by the k-quants, ignored by Q8_0 and the float types. threads: numba threads for this call.
+    row; used by the k-quants, ignored by Q8_0 and the float types. threads: worker threads for this call
+    (default: the enclosing `ditq.gguf.threads(n)` setting, else every core the process may use).
     Returns uint8 (rows, row_bytes), rows = prod(shape[:-1]). Raises ConfigError if row_len is not a multiple of
     the block size (callers fall back to a wider type) and CheckpointError on NaN or Inf input.
     """
@@ -137,7 +138,7 @@ def quantize(
         raise ConfigError(f"cannot quantize dtype {x.dtype}: expected a real-valued array")
     shape = x.shape
     row_len = shape[-1]
-    if row_len % c.block_size:
+    if row_len == 0 or row_len % c.block_size:
         raise ConfigError(
             f"cannot quantize shape {shape} as {c.qtype.name}: row length {row_len} is not a multiple of the "
             f"block size {c.block_size}"
