@@ -6,6 +6,7 @@ import struct
 from pathlib import Path
 
 import gguf
+import gguf.quants
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFValueType
@@ -13,13 +14,19 @@ from gguf import GGMLQuantizationType, GGUFValueType
 import ditq.gguf as G
 from ditq.errors import CheckpointError, ConfigError
 
-QTYPES = ["Q8_0", "F16", "F32", "BF16"]
+IMATRIX = {
+    "layers.0.feed_forward.w1.weight": np.exp(np.random.default_rng(5).standard_normal(512)).astype(
+        np.float32
+    )
+}
 
 
 def _tensors(rng: np.random.Generator) -> dict[str, tuple[np.ndarray, str]]:
     return {
-        "layers.0.attention.qkv.weight": (rng.standard_normal((6, 512), dtype=np.float32), QTYPES[0]),
+        "layers.0.attention.qkv.weight": (rng.standard_normal((6, 512), dtype=np.float32), "Q8_0"),
         "layers.0.attention.qkv.bias": (rng.standard_normal(6, dtype=np.float32), "F32"),
+        "layers.0.feed_forward.w1.weight": (rng.standard_normal((8, 512), dtype=np.float32) * 0.02, "Q4_K"),
+        "layers.0.attention.o.weight": (rng.standard_normal((3, 256), dtype=np.float32), "Q6_K"),
         "t_embedding.mlp_in.weight": (rng.standard_normal((2, 3, 64), dtype=np.float32), "F16"),
         "final_layer.linear.weight": (rng.standard_normal((4, 32), dtype=np.float32), "BF16"),
     }
@@ -41,7 +48,7 @@ def _write(path: Path, tensors, metadata=METADATA, order=None) -> None:
     specs = [G.TensorSpec(name, a.shape, q) for name, (a, q) in tensors.items()]
     with G.GGUFStreamWriter(path, specs, metadata) as w:
         for name in order or tensors:
-            w.write_tensor(name, tensors[name][0])
+            w.write_tensor(name, tensors[name][0], imatrix=IMATRIX.get(name))
 
 
 @pytest.fixture
@@ -71,7 +78,9 @@ def test_writer_output_reads_back_in_gguf_py(written):
         assert tuple(reversed(t.shape.tolist())) == a.shape
         assert t.data_offset % 32 == 0
         stored = np.asarray(t.data).view(np.uint8).reshape(-1)
-        assert np.array_equal(stored, G.quantize(a, q).reshape(-1))
+        assert np.array_equal(stored, G.quantize(a, q, IMATRIX.get(name)).reshape(-1))
+        decoded = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(a.shape)
+        assert np.array_equal(decoded, G.GGUFFile(path).dequantize(name))
 
 
 def test_reader_gives_names_shapes_types_metadata_and_data(written):
@@ -87,8 +96,8 @@ def test_reader_gives_names_shapes_types_metadata_and_data(written):
             assert info.shape == a.shape and info.qtype == GGMLQuantizationType[q]
             raw = f.raw(name)
             assert np.shares_memory(raw, f.raw(name))  # a view of the mapping, not a copy
-            assert np.array_equal(raw.reshape(-1), G.quantize(a, q).reshape(-1))
-            expected = G.dequantize(G.quantize(a, q), q).reshape(a.shape)
+            assert np.array_equal(raw.reshape(-1), G.quantize(a, q, IMATRIX.get(name)).reshape(-1))
+            expected = G.dequantize(G.quantize(a, q, IMATRIX.get(name)), q).reshape(a.shape)
             assert np.array_equal(f.dequantize(name), expected)
 
 
