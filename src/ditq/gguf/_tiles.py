@@ -83,6 +83,18 @@ def lane_sums(w):
 
 
 @numba.njit(**JIT)
+def lane_sums_sq(x):
+    """Per lane sum of squares over the rows, in row order. (T,)"""
+    S, T = x.shape
+    out = np.zeros(T, np.float32)
+    for i in range(S):
+        row = x[i]
+        for t in range(T):
+            out[t] += row[t] * row[t]
+    return out
+
+
+@numba.njit(**JIT)
 def get_scale_min_k4(block, off, j):
     """Sub-block j's 6-bit scale and min from the 12 packed bytes at block[off:] (Q4_K / Q5_K layout)."""
     if j < 4:

@@ -31,6 +31,7 @@ _15 = f32(15.0)
 
 @numba.njit(**JIT)
 def _encode_tile(x, qw, base, out):
+    """Encode super-blocks base .. base+TB-1 of x (those that exist) into out."""
     xt = np.empty((_S, _T), np.float32)
     w = np.empty((_S, _T), np.float32)
     L = np.empty((_S, _T), np.int32)

@@ -60,6 +60,7 @@ def _get_scale(o, j):
 
 @numba.njit(**JIT)
 def _encode_tile(x, qw, base, out):
+    """Encode super-blocks base .. base+TB-1 of x (those that exist) into out."""
     xt = np.empty((_S, _T), np.float32)
     L = np.empty((_S, _T), np.int32)
     scale = np.empty(_T, np.float32)

@@ -33,6 +33,7 @@ from ditq.gguf._tiles import (
     get_scale_min_k4,
     importance_weights,
     lane_sums,
+    lane_sums_sq,
     load_tile,
     put_scale_min_k4,
     superblock_sigma2,
@@ -47,7 +48,8 @@ _SCALES = 4  # byte offset of the packed scales
 
 @numba.njit(**JIT)
 def _encode_tile(x, qw, base, q5, out):
-    nmax = 31 if q5 else 15
+    """Encode super-blocks base .. base+TB-1 of x (those that exist) into out."""
+    nmax = np.int32(31) if q5 else np.int32(15)
     xt = np.empty((_S, _T), np.float32)
     w = np.empty((_S, _T), np.float32)
     L = np.empty((_S, _T), np.int32)
@@ -130,7 +132,7 @@ def _encode_tile(x, qw, base, q5, out):
         Li = L[i]
         for t in range(_T):
             if dl[t] != f32(0.0):
-                Li[t] = min(max(nearest_int((xi[t] + ml[t]) / dl[t]), 0), nmax)
+                Li[t] = min(max(nearest_int((xi[t] + ml[t]) / dl[t]), np.int32(0)), nmax)
 
     for s in range(n):
         o = out[base + s]
@@ -148,17 +150,6 @@ def _encode_tile(x, qw, base, q5, out):
             else:
                 for i in range(32):
                     o[16 + 32 * b + i] = np.uint8(L[i, lo] | (L[i, hi] << 4))
-
-
-@numba.njit(**JIT)
-def lane_sums_sq(xt):
-    S, T = xt.shape
-    out = np.zeros(T, np.float32)
-    for i in range(S):
-        row = xt[i]
-        for t in range(T):
-            out[t] += row[t] * row[t]
-    return out
 
 
 @numba.njit(**JIT)
