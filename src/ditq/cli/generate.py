@@ -25,7 +25,9 @@ def add_sampling_args(p) -> None:
     p.add_argument(
         "--preset", default="default20", help="sampler preset: quality48, default20 (default), turbo12"
     )
-    p.add_argument("--steps", type=int, help="number of steps (overrides the preset)")
+    p.add_argument(
+        "--steps", type=int, help="number of steps (overrides the preset; the tiny model defaults to 8)"
+    )
     p.add_argument(
         "--guidance", help="guidance: a number, or a schedule like '18x7,2x3' (overrides the preset)"
     )
@@ -65,10 +67,10 @@ def settings_from_args(args, pipe):
         "max_sequence_length": info.max_sequence_length,
     }
     base = SamplingSettings.from_preset(args.preset, **overrides)
-    steps = args.steps or base.steps
+    steps = args.steps or getattr(info, "default_steps", None) or base.steps
     if args.guidance:
         schedule = tuple(parse_guidance(args.guidance, steps))
-    elif args.steps and args.steps != base.steps:
+    elif steps != base.steps:
         # keep the preset's shape: the last ~10% of the steps at the low guidance
         low = (
             max(1, round(steps * sum(g < 7 for g in base.guidance_schedule) / base.steps)) if steps > 1 else 0

@@ -47,6 +47,11 @@ def run(args) -> int:
 
         options["stats_path"] = str(args.stats)
         options["stats"] = CalibrationStats.load(args.stats)
+    from ditq.quant.recipes import protect_layers
+
+    options["protect_layers"] = protect_layers(
+        str(args.fragility) if args.fragility else None, args.protect, args.protect_bytes
+    )
     out = quantize_pipeline(args.model, args.output, args.recipe, options, force=args.force)
     print(out)
     return 0

@@ -28,7 +28,7 @@ TRANSFORMERS = ("transformer", "unconditional_transformer")
 REQUIRED = ("scheduler", "vae", "text_encoder", "tokenizer", "transformer", "unconditional_transformer")
 OFFICIAL_FP8 = "ideogram-ai/ideogram-4-fp8"
 # Bump when the tiny factory changes, so cached tiny folders are rebuilt.
-TINY_BUILDER_VERSION = 1
+TINY_BUILDER_VERSION = 2
 
 
 @dataclass
@@ -41,6 +41,7 @@ class PipelineInfo:
     recipe: dict | None = None
     max_sequence_length: int = 2048
     default_size: int = 1024
+    default_steps: int | None = None
 
     @property
     def variant(self) -> str:
@@ -100,7 +101,13 @@ def ensure_tiny_folder(seed: int = 0) -> Path:
     if marker.is_file() and json.loads(marker.read_text()).get("builder") == TINY_BUILDER_VERSION:
         return folder
     log.info("building the tiny pipeline in %s", folder)
-    marker = {"builder": TINY_BUILDER_VERSION, "seed": seed, "max_sequence_length": 512, "default_size": 64}
+    marker = {
+        "builder": TINY_BUILDER_VERSION,
+        "seed": seed,
+        "max_sequence_length": 512,
+        "default_size": 64,
+        "default_steps": 8,
+    }
     save_official_fp8(build_tiny_pipeline(seed=seed), folder, tiny_marker=marker)
     return folder
 
@@ -232,5 +239,6 @@ def load_pipeline(
         tiny = json.loads(tiny_cfg.read_text())
         info.max_sequence_length = int(tiny.get("max_sequence_length", 2048))
         info.default_size = int(tiny.get("default_size", 1024))
+        info.default_steps = tiny.get("default_steps")
     pipe.ditq_info = info
     return pipe

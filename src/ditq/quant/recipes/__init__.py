@@ -63,10 +63,62 @@ def _nf4(src: Path, dst: Path, options: dict) -> dict:
     )
 
 
-def _int8(src: Path, dst: Path, options: dict) -> dict:
-    from ditq.quant.int8.convert import convert_component
+def int8_config(options: dict):
+    """SmoothQuant over W8A8 when calibration statistics are given, plain W8A8 otherwise."""
+    from ditq.quant.int8.config import Int8W8A8Config, SmoothQuantConfig
 
-    return convert_component(src, dst, options)
+    base = Int8W8A8Config()
+    if options.get("stats") is None:
+        log.warning(
+            "int8 without calibration statistics: plain W8A8, no SmoothQuant (run ditq calibrate first)"
+        )
+        return base
+    alpha = str(options.get("alpha", "auto"))
+    if alpha == "auto":
+        return SmoothQuantConfig(base=base, alpha=None)
+    try:
+        value = float(alpha)
+    except ValueError:
+        raise ConfigError(f"--alpha {alpha!r}: expected 'auto' or a number in [0, 1]") from None
+    return SmoothQuantConfig(base=base, alpha=value)
+
+
+def _int8(src: Path, dst: Path, options: dict) -> dict:
+    from ditq.quant.int8.convert import convert_transformer_int8
+
+    comp = options["component"]
+    report = convert_transformer_int8(
+        src,
+        dst,
+        options.get("stats"),
+        int8_config(options),
+        transformer=comp,
+        protect=options.get("protect_layers", {}).get(comp, ()),
+        progress=options.get("progress", True),
+    )
+    return {
+        "file": str(report.path),
+        "bytes": report.bytes_written,
+        "quantized": len(report.quantized),
+        "kept_bf16": report.kept_float,
+        "seconds": report.seconds,
+        "recipe": report.recipe,
+    }
+
+
+def protect_layers(
+    fragility: str | None, protect: int | None, protect_bytes: str | None
+) -> dict[str, list[str]]:
+    """Layers to keep in bf16 beyond the defaults, chosen from a fragility table within a budget."""
+    if protect is None and protect_bytes is None:
+        return {}
+    if fragility is None:
+        raise ConfigError("--protect / --protect-bytes need --fragility (a table from ditq sensitivity)")
+    from ditq.quant.int8.config import DEFAULT_PROTECT
+    from ditq.quant.int8.sensitivity import ProtectBudget, choose_protected, read_csv
+
+    budget = ProtectBudget.parse(f"bytes={protect_bytes}" if protect_bytes else str(protect))
+    return choose_protected(read_csv(fragility), budget, DEFAULT_PROTECT)
 
 
 for _name, _desc in (

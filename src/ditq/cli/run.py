@@ -1,0 +1,120 @@
+"""`ditq run`: generate every (variant, prompt, seed) image of a suite from identical initial noise.
+
+Resumable (finished images are skipped) and shardable: `torchrun --nproc-per-node N -m ditq run ...` splits the
+work across processes deterministically and merges the manifests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ditq.cli.generate import add_sampling_args, torch_dtype
+from ditq.errors import ConfigError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("run", help="paired generation run over a prompt suite", description=__doc__)
+    add_run_args(p)
+    p.add_argument("-o", "--output", type=Path, required=True, help="run folder")
+    p.set_defaults(func=run)
+
+
+def add_run_args(p) -> None:
+    p.add_argument(
+        "--model", default="tiny", help="the reference model: 'tiny' (default), a folder or a hub id"
+    )
+    p.add_argument(
+        "--variants",
+        default="fp8",
+        help="comma-separated variants: the reference name (fp8), recipe names found in --variant-dir, "
+        "or name=FOLDER (default: fp8)",
+    )
+    p.add_argument("--variant-dir", type=Path, help="folder holding quantized variants as <dir>/<name>")
+    p.add_argument("--reference", default="fp8", help="name of the reference variant (default fp8)")
+    p.add_argument("--suite", default="smoke", help="prompt suite: smoke (default), quick, full")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--limit", type=int, help="only the first N prompts of the suite")
+    p.add_argument("--caption-modes", default="json", help="json, raw or json,raw (the ablation)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    add_sampling_args(p)
+
+
+def resolve_variants(args) -> dict[str, str]:
+    from ditq.quant.recipes import RECIPES
+
+    variants: dict[str, str] = {}
+    for item in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        name, _, path = item.partition("=")
+        if path:
+            if not Path(path).is_dir():
+                raise ConfigError(f"--variants {name}={path}: no such folder")
+            variants[name] = path
+        elif name == args.reference:
+            variants[name] = args.model
+        elif name in RECIPES:
+            folder = (args.variant_dir or Path("variants")) / name
+            if not (folder / "model_index.json").is_file():
+                raise ConfigError(
+                    f"--variants {name}: no quantized model at {folder}; make it with "
+                    f"`ditq quantize {args.model} --recipe {name} -o {folder}` or pass {name}=FOLDER"
+                )
+            variants[name] = str(folder)
+        else:
+            known = ", ".join([args.reference, *RECIPES.names()])
+            raise ConfigError(f"--variants: unknown variant {name!r}; known: {known}, or name=FOLDER")
+    if args.reference not in variants:
+        raise ConfigError(f"--variants must include the reference variant {args.reference!r}")
+    return variants
+
+
+def build_spec(args, variants: dict[str, str]):
+    from ditq.cli.generate import parse_seeds, settings_from_args
+    from ditq.models.loading import resolve_source
+    from ditq.runs.generation import RunSpec
+
+    ref = variants[args.reference]
+    args_for_settings = _ModelInfoArgs(args, resolve_source(ref))
+    settings = settings_from_args(args_for_settings, args_for_settings.pipe_like)
+    return RunSpec(
+        variants=variants,
+        suite=args.suite,
+        seeds=tuple(parse_seeds(args.seeds)),
+        caption_modes=tuple(m.strip() for m in args.caption_modes.split(",") if m.strip()),
+        settings=settings,
+        reference_variant=args.reference,
+        limit=args.limit,
+    )
+
+
+class _ModelInfoArgs:
+    """Sampling arguments plus a stand-in pipeline carrying the reference model's size defaults."""
+
+    def __init__(self, args, folder: Path) -> None:
+        import json
+        from types import SimpleNamespace
+
+        self.__dict__.update(vars(args))
+        info = SimpleNamespace(max_sequence_length=2048, default_size=1024, default_steps=None)
+        tiny = folder / "ditq_tiny.json"
+        if tiny.is_file():
+            data = json.loads(tiny.read_text())
+            info.max_sequence_length = int(data.get("max_sequence_length", 2048))
+            info.default_size = int(data.get("default_size", 1024))
+            info.default_steps = data.get("default_steps")
+        self.pipe_like = SimpleNamespace(ditq_info=info)
+
+
+def run(args) -> int:
+    from ditq.runs.generation import distributed_env, run_generation
+
+    variants = resolve_variants(args)
+    spec = build_spec(args, variants)
+    result = run_generation(args.output, spec, device=args.device, dtype=torch_dtype(args.dtype))
+    rank, _, _ = distributed_env()
+    if rank == 0:
+        print(
+            f"{args.output}: {result['generated']} generated, {result['skipped']} already done, "
+            f"{result['total']} images in the run"
+        )
+    return 0

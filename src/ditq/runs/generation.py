@@ -1,0 +1,321 @@
+"""Paired generation runs: every (variant, prompt, seed, caption mode) image from identical initial noise.
+
+Jobs are ordered deterministically and sharded across processes by position (`jobs[rank::world]`), so any number
+of ranks produces the same images as one process. Rank and world size come from torchrun's environment
+(`RANK`, `WORLD_SIZE`, `LOCAL_RANK`); on CUDA each rank takes `cuda:LOCAL_RANK`.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ditq import __version__
+from ditq.errors import ConfigError
+from ditq.models.sampling import SamplingSettings, initial_noise, png_metadata
+from ditq.runs.manifest import (
+    RUN_FILE,
+    append_jsonl,
+    check_compatible,
+    finished,
+    image_key,
+    merge_manifests,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSpec:
+    """What a run generates. `variants` maps a variant name to its model (folder, hub id or 'tiny')."""
+
+    variants: dict[str, str]
+    suite: str = "smoke"
+    seeds: tuple[int, ...] = (0,)
+    caption_modes: tuple[str, ...] = ("json",)
+    settings: SamplingSettings = field(default_factory=SamplingSettings)
+    reference_variant: str = "fp8"
+    limit: int | None = None  # only the first N prompts of the suite
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be >= 1, got {self.limit}")
+        if not self.variants:
+            raise ConfigError("--variants: at least one variant is needed")
+        if not self.seeds:
+            raise ConfigError("--seeds: at least one seed is needed")
+        for m in self.caption_modes:
+            if m not in ("json", "raw"):
+                raise ConfigError(f"--caption-modes: unknown mode {m!r}; known: json, raw")
+
+
+@dataclass(frozen=True)
+class Job:
+    variant: str
+    prompt_id: str
+    seed: int
+    caption_mode: str
+    category: str
+    text: str
+
+    @property
+    def key(self) -> tuple[str, str, int, str]:
+        return (self.variant, self.prompt_id, self.seed, self.caption_mode)
+
+    @property
+    def path(self) -> str:
+        return f"images/{self.variant}/{self.caption_mode}/{self.prompt_id}_s{self.seed}.png"
+
+
+def plan_jobs(spec: RunSpec) -> list[Job]:
+    from ditq.prompts.suite import suite_records
+
+    jobs = []
+    for variant in spec.variants:
+        for mode in spec.caption_modes:
+            for item in suite_records(spec.suite, mode)[: spec.limit]:
+                for seed in spec.seeds:
+                    jobs.append(Job(variant, item.id, seed, mode, item.category, item.text))
+    return jobs
+
+
+def distributed_env() -> tuple[int, int, int]:
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _variant_record(name: str, model: str, pipe) -> dict:
+    from ditq.models.sizes import files_on_disk, resident_bytes
+
+    folder = pipe.ditq_info.folder
+    comps = ("transformer", "unconditional_transformer", "text_encoder", "vae")
+    return {
+        "model": model,
+        "folder": str(folder),
+        "format": pipe.ditq_info.variant,
+        "bytes_on_disk": {c: sum(files_on_disk(folder / c).values()) for c in comps},
+        "resident_bytes": {c: resident_bytes(getattr(pipe, c)) for c in comps},
+    }
+
+
+def _run_record(spec: RunSpec, prompts: list) -> dict:
+    return {
+        "suite": spec.suite,
+        "prompt_ids": [p.id for p in prompts],
+        "seeds": list(spec.seeds),
+        "caption_modes": list(spec.caption_modes),
+        "settings": spec.settings.to_dict(),
+        "reference_variant": spec.reference_variant,
+        "variants": {},
+        "ditq_version": __version__,
+    }
+
+
+def prepare_run_dir(run_dir: Path, spec: RunSpec) -> dict:
+    """Create or check `run.json` and `prompts.jsonl`; returns the run record."""
+    import json
+
+    from ditq.prompts.suite import load_suite
+
+    prompts = load_suite(spec.suite)[: spec.limit]
+    record = _run_record(spec, prompts)
+    record["variants"] = {n: {"model": m} for n, m in spec.variants.items()}
+    path = run_dir / RUN_FILE
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        check_compatible(existing, record, run_dir)
+        merged = dict(existing)
+        merged["variants"] = {
+            **existing.get("variants", {}),
+            **{n: {**existing.get("variants", {}).get(n, {}), **v} for n, v in record["variants"].items()},
+        }
+        record = merged
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "prompts.jsonl").is_file():
+        lines = [
+            json.dumps(
+                {
+                    "id": p.id,
+                    "category": p.category,
+                    "prompt": p.prompt,
+                    "caption": p.caption,
+                    "texts": list(p.texts),
+                },
+                ensure_ascii=False,
+            )
+            for p in prompts
+        ]
+        tmp = run_dir / "prompts.jsonl.partial"
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(tmp, run_dir / "prompts.jsonl")
+    return record
+
+
+def run_generation(
+    run_dir: str | os.PathLike,
+    spec: RunSpec,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict:
+    """Generate the missing images of this rank's shard; returns {"generated", "skipped", "total"}.
+
+    `stop_after` stops after that many new images (used to test interruption and resume).
+    """
+    import json
+
+    from tqdm import tqdm
+
+    from ditq.models.loading import load_pipeline
+    from ditq.models.sampling import generate
+
+    run_dir = Path(run_dir)
+    rank, world, local_rank = distributed_env()
+    if world > 1 and device.startswith("cuda") and ":" not in device:
+        device = f"cuda:{local_rank}"
+    if rank == 0:
+        write_json_atomic(run_dir / RUN_FILE, prepare_run_dir(run_dir, spec))
+    _barrier(world)
+    all_jobs = plan_jobs(spec)
+    mine = all_jobs[rank::world]
+    done = finished(run_dir)
+    todo = [j for j in mine if j.key not in done]
+    manifest = run_dir / ("manifest.jsonl" if world == 1 else f"manifest.rank{rank}.jsonl")
+    generated = 0
+    bar = tqdm(
+        total=len(todo),
+        desc=f"run (rank {rank}/{world})" if world > 1 else "run",
+        unit="img",
+        disable=not progress,
+    )
+    variant_info: dict[str, dict] = {}
+    try:
+        for variant, model in spec.variants.items():
+            jobs = [j for j in todo if j.variant == variant]
+            if not jobs and rank != 0:
+                continue
+            pipe = load_pipeline(model, device=device, dtype=dtype)
+            variant_info[variant] = _variant_record(variant, model, pipe)
+            settings = _settings_for(pipe, spec.settings)
+            for job in jobs:
+                if stop_after is not None and generated >= stop_after:
+                    raise _Stop
+                noise = initial_noise(pipe, job.seed, settings)
+                if device.startswith("cuda"):
+                    torch.cuda.reset_peak_memory_stats(device)
+                t0 = time.perf_counter()
+                image = generate(pipe, job.text, job.seed, settings, latents=noise)
+                wall = time.perf_counter() - t0
+                peak = (
+                    torch.cuda.max_memory_allocated(device)
+                    if device.startswith("cuda")
+                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                )
+                out = run_dir / job.path
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_name(out.name + ".partial")
+                image.save(
+                    tmp,
+                    format="PNG",
+                    pnginfo=png_metadata(
+                        prompt=job.text,
+                        prompt_id=job.prompt_id,
+                        seed=job.seed,
+                        variant=variant,
+                        model=model,
+                        caption_mode=job.caption_mode,
+                        settings=settings.to_dict(),
+                    ),
+                )
+                os.replace(tmp, out)
+                append_jsonl(
+                    manifest,
+                    {
+                        "variant": variant,
+                        "prompt_id": job.prompt_id,
+                        "seed": job.seed,
+                        "caption_mode": job.caption_mode,
+                        "category": job.category,
+                        "path": job.path,
+                        "sha256": _sha256(out),
+                        "noise_sha256": hashlib.sha256(noise.numpy().tobytes()).hexdigest(),
+                        "wall_s": round(wall, 4),
+                        "peak_mem_bytes": int(peak),
+                        "peak_mem_kind": "cuda_allocated" if device.startswith("cuda") else "process_rss",
+                        "device": str(device),
+                    },
+                )
+                generated += 1
+                bar.update()
+            del pipe
+            gc.collect()
+    except _Stop:
+        pass
+    finally:
+        bar.close()
+    if stop_after is not None and generated >= stop_after:
+        return {
+            "generated": generated,
+            "skipped": len(mine) - len(todo),
+            "total": len(all_jobs),
+            "stopped": True,
+        }
+    _barrier(world)
+    if rank == 0:
+        record = json.loads((run_dir / RUN_FILE).read_text())
+        for name, info in variant_info.items():
+            record["variants"][name] = {**record["variants"].get(name, {}), **info}
+        record["device"] = str(device)
+        record["dtype"] = str(dtype).replace("torch.", "")
+        write_json_atomic(run_dir / RUN_FILE, record)
+        merge_manifests(run_dir, [j.key for j in all_jobs])
+    _barrier(world)
+    return {"generated": generated, "skipped": len(mine) - len(todo), "total": len(all_jobs)}
+
+
+class _Stop(Exception):
+    pass
+
+
+def _settings_for(pipe, settings: SamplingSettings) -> SamplingSettings:
+    """The run's settings, with the text length capped to what the model takes (the tiny model: 512)."""
+    cap = getattr(pipe.ditq_info, "max_sequence_length", settings.max_sequence_length)
+    if settings.max_sequence_length <= cap:
+        return settings
+    from dataclasses import replace
+
+    return replace(settings, max_sequence_length=cap)
+
+
+def _barrier(world: int) -> None:
+    if world <= 1:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    dist.barrier()
+
+
+__all__ = ["Job", "RunSpec", "plan_jobs", "run_generation", "image_key"]

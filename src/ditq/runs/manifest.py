@@ -1,0 +1,115 @@
+"""Run folders: `run.json` (what the run is), `manifest.jsonl` (one line per finished image).
+
+Lines are appended whole and flushed to disk one at a time, so an interrupted run keeps every finished image; a
+torn last line is ignored on reading. With several processes each rank appends to `manifest.rank{r}.jsonl` and
+rank 0 merges them into `manifest.jsonl` (deduplicated by image key) at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from ditq.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+MANIFEST = "manifest.jsonl"
+# Fields of run.json that every later invocation must match exactly.
+FROZEN_FIELDS = ("suite", "prompt_ids", "seeds", "caption_modes", "settings", "reference_variant")
+
+
+def image_key(rec: dict) -> tuple[str, str, int, str]:
+    return (rec["variant"], rec["prompt_id"], int(rec["seed"]), rec["caption_mode"])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines):
+                log.warning("%s: ignoring a torn last line (an interrupted write)", path)
+                continue
+            raise ConfigError(f"{path}:{i}: not valid JSON") from None
+    return out
+
+
+def append_jsonl(path: Path, rec: dict) -> None:
+    """Append one record as a whole line and flush it to disk; a torn last line left by a crash is dropped first."""
+    data = (json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n").encode()
+    with open(path, "ab+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size:
+            f.seek(size - 1)
+            if f.read(1) != b"\n":
+                f.seek(0)
+                keep = f.read().rfind(b"\n") + 1
+                f.truncate(keep)
+                log.warning("%s: dropped a torn last line (an interrupted write)", path)
+        f.seek(0, os.SEEK_END)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def manifest_files(run_dir: Path) -> list[Path]:
+    return [run_dir / MANIFEST, *sorted(run_dir.glob("manifest.rank*.jsonl"))]
+
+
+def finished(run_dir: Path) -> dict[tuple, dict]:
+    """Image key -> manifest record, for images whose file still exists."""
+    done: dict[tuple, dict] = {}
+    for path in manifest_files(run_dir):
+        for rec in read_jsonl(path):
+            if (run_dir / rec["path"]).is_file():
+                done[image_key(rec)] = rec
+    return done
+
+
+def merge_manifests(run_dir: Path, order: Iterable[tuple]) -> int:
+    """Fold rank manifests into manifest.jsonl (one line per image, in job order); returns the line count."""
+    done = finished(run_dir)
+    ranked = {k: i for i, k in enumerate(order)}
+    recs = sorted(done.values(), key=lambda r: ranked.get(image_key(r), len(ranked)))
+    tmp = run_dir / (MANIFEST + ".partial")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in recs:
+            f.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
+    os.replace(tmp, run_dir / MANIFEST)
+    for p in run_dir.glob("manifest.rank*.jsonl"):
+        p.unlink()
+    return len(recs)
+
+
+def check_compatible(existing: dict, new: dict, run_dir: Path) -> None:
+    """Refuse to mix images made with other settings, another suite or other seeds into one run folder."""
+    for key in FROZEN_FIELDS:
+        if existing.get(key) != new.get(key):
+            a, b = json.dumps(existing.get(key))[:120], json.dumps(new.get(key))[:120]
+            raise ConfigError(
+                f"{run_dir / RUN_FILE}: this run was made with {key} = {a}, not {b}; "
+                "use another output folder to run other settings"
+            )
+    for name, var in new.get("variants", {}).items():
+        old = existing.get("variants", {}).get(name)
+        if old and old.get("model") != var.get("model"):
+            raise ConfigError(
+                f"{run_dir / RUN_FILE}: variant {name!r} was made from {old.get('model')}, not {var.get('model')}"
+            )
