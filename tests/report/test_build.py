@@ -70,8 +70,10 @@ def test_unavailable_metric_shows_reason_and_no_number(built_report):
         assert row["pickscore ↑"] == f"unavailable: {PICKSCORE_REASON}"
         assert re.search(r"\d", row["hpsv2 ↑"])
     html = built_report.index_html.read_text()
-    cell = re.search(r'<td rowspan="5" class="unavailable">([^<]*)</td>', html)
-    assert cell and cell.group(1) == f"unavailable: {PICKSCORE_REASON}"
+    # HTML shows the first clause and keeps the whole reason in the tooltip
+    cell = re.search(r'<td rowspan="5" class="unavailable" title="([^"]*)">([^<]*)</td>', html)
+    assert cell and cell.group(1) == PICKSCORE_REASON
+    assert cell.group(2).startswith("unavailable: ") and cell.group(2)[13:] in PICKSCORE_REASON
     assert f"Not compared: pickscore (unavailable: {PICKSCORE_REASON})" in md
     assert "**pickscore" not in md  # no difference table for it
 

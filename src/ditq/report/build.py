@@ -21,7 +21,7 @@ from ditq.report.document import (
     render_html,
     render_markdown,
 )
-from ditq.report.formatting import arrow, ci_cell, memory_of
+from ditq.report.formatting import arrow, ci_cell, memory_of, size_text
 from ditq.report.grids import compose_grid
 from ditq.report.inputs import MetricInfo, RunData, load_run
 from ditq.report.pareto import ParetoPoint, plot_pareto
@@ -171,7 +171,7 @@ def _pareto_section(
     )
     rows = []
     for p, ci, on in zip(points, intervals, front, strict=True):
-        size = Cell(f"{p.memory_bytes / 1e9:.2f} GB", title=f"{int(p.memory_bytes):,} bytes", css="num bytes")
+        size = Cell(size_text(p.memory_bytes), title=f"{int(p.memory_bytes):,} bytes", css="num bytes")
         rows.append([Cell(p.label, css="frontier" if on else None), size, ci_cell(ci), "yes" if on else "no"])
     section.add(
         Table(["Variant", f"{label} / transformer", f"{info.name} {arrow(info)}", "On frontier"], rows)

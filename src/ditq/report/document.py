@@ -28,6 +28,7 @@ class Cell:
     css: str | None = None
     sub: str | None = None
     span: bool = False
+    md_text: str | None = None  # Markdown has no tooltips: text to print there instead of `text`
 
 
 @dataclass
@@ -187,7 +188,8 @@ def render_html(doc: Document) -> str:
 
 def _md_cell(value: str | Cell) -> str:
     cell = _cell(value)
-    text = f"{cell.text} {cell.sub}" if cell.sub else cell.text
+    base = cell.md_text if cell.md_text is not None else cell.text
+    text = f"{base} {cell.sub}" if cell.sub else base
     return text.replace("|", "\\|").replace("\n", " ")
 
 

@@ -54,7 +54,23 @@ def ci_cell(value: BootstrapCI | Missing) -> Cell:
 
 
 def missing_cell(missing: Missing, *, span: bool = False) -> Cell:
-    return Cell(missing.text, css="unavailable" if missing.kind == "unavailable" else None, span=span)
+    """The reason in short (first clause) with the whole reason as the cell's title."""
+    if missing.kind != "unavailable":
+        return Cell(missing.text, span=span)
+    short = missing.reason.split(";")[0].split(" (")[0]
+    if len(short) > 70:
+        short = short[:67] + "..."
+    return Cell(
+        f"unavailable: {short}", title=missing.reason, css="unavailable", span=span, md_text=missing.text
+    )
+
+
+def size_text(n: float) -> str:
+    """Bytes in decimal units (GB = 10^9), scaled to the number (tiny test models are kilobytes)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 def arrow(info: MetricInfo) -> str:
@@ -84,7 +100,7 @@ def bytes_cell(sizes: dict[str, int]) -> Cell:
     detail = "; ".join(f"{component}: {b:,} bytes" for component, b in sizes.items())
     if n is None:
         return Cell("unknown", title=detail or "run.json lists no sizes for this variant", css="unavailable")
-    return Cell(f"{n / 1e9:.2f} GB", title=detail, css="num bytes")
+    return Cell(size_text(n), title=detail, css="num bytes")
 
 
 def memory_of(variant: VariantInfo, memory: str) -> int | None:

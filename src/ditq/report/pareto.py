@@ -100,7 +100,11 @@ def plot_pareto(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    mem_gb = np.array([p.memory_bytes for p in points], dtype=np.float64) / 1e9
+    mem_bytes = np.array([p.memory_bytes for p in points], dtype=np.float64)
+    unit, scale = next(
+        ((u, f) for u, f in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)) if mem_bytes.max() >= f), ("B", 1.0)
+    )
+    mem_gb = mem_bytes / scale
     q = np.array([p.quality for p in points], dtype=np.float64)
     on_front = pareto_frontier(mem_gb, q, higher_is_better=higher_is_better)
     low = np.array([p.low for p in points], dtype=np.float64)
@@ -124,7 +128,7 @@ def plot_pareto(
     if front.size > 1:
         ax.step(mem_gb[front], q[front], where="post", color="#1f5fbf", alpha=0.5, linewidth=1.5)
     arrow = "higher is better" if higher_is_better else "lower is better"
-    ax.set_xlabel(f"{memory_label} per transformer (GB)  — lower is better")
+    ax.set_xlabel(f"{memory_label} per transformer ({unit})  — lower is better")
     ax.set_ylabel(f"{quality_label} ({arrow})")
     ax.set_title(f"Quality vs memory: {quality_label}")
     ax.grid(True, alpha=0.3)
