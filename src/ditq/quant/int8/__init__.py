@@ -1,1 +1,49 @@
-"""INT8 W8A8 quantization with SmoothQuant."""
+"""INT8 W8A8 quantization with SmoothQuant for the Ideogram 4 transformers.
+
+- `linear`: `Int8Linear` (int8 per-channel weights, per-token dynamic int8 activations, `torch._int_mm`).
+- `config`: `Int8W8A8Config`, `SmoothQuantConfig` and `quantize_(model, config, filter_fn)`.
+- `calibrate`: per-timestep-bucket activation statistics of both transformers (`ditq calibrate`), `importance`.
+- `smoothquant`: smoothing groups, α search, exact folding.
+- `sensitivity`: per-layer fragility (`ditq sensitivity`) and protect budgets.
+- `convert`: streaming checkpoint conversion and the pipeline folder writer (`ditq quantize`).
+"""
+
+from __future__ import annotations
+
+from ditq.quant.int8.calibrate import CalibrationRecorder, CalibrationStats, calibrate_pipeline, importance
+from ditq.quant.int8.config import DEFAULT_PROTECT, Int8W8A8Config, SmoothQuantConfig, quantize_
+from ditq.quant.int8.convert import ConvertReport, convert_transformer_int8, quantize_pipeline_int8
+from ditq.quant.int8.linear import Int8Linear, quantize_per_token, quantize_weight_per_channel
+from ditq.quant.int8.sensitivity import (
+    FragilityRow,
+    ProtectBudget,
+    choose_protected,
+    measure_fragility,
+    rank,
+    read_csv,
+    write_csv,
+)
+
+__all__ = [
+    "DEFAULT_PROTECT",
+    "CalibrationRecorder",
+    "CalibrationStats",
+    "ConvertReport",
+    "FragilityRow",
+    "Int8Linear",
+    "Int8W8A8Config",
+    "ProtectBudget",
+    "SmoothQuantConfig",
+    "calibrate_pipeline",
+    "choose_protected",
+    "convert_transformer_int8",
+    "importance",
+    "measure_fragility",
+    "quantize_",
+    "quantize_per_token",
+    "quantize_pipeline_int8",
+    "quantize_weight_per_channel",
+    "rank",
+    "read_csv",
+    "write_csv",
+]

@@ -28,7 +28,7 @@ from ditq.errors import ConfigError
 from ditq.interop.keys import fused_module_name
 from ditq.quant.int8.calibrate import DEFAULT_BUCKETS, CalibrationRecorder, CalibrationStats, is_linear_like
 from ditq.quant.int8.linear import KERNELS, Int8Linear
-from ditq.quant.int8.smoothquant import AlphaChoice, SmoothGroup, search_alpha
+from ditq.quant.int8.smoothquant import AlphaChoice, SmoothGroup, fold_into_norm, search_alpha
 
 log = logging.getLogger(__name__)
 
@@ -270,9 +270,7 @@ def apply_decisions_(
             else:
                 norm = model.get_submodule(target)
                 with torch.no_grad():
-                    norm.weight.copy_(
-                        (norm.weight.float() / d.s.to(norm.weight.device)).to(norm.weight.dtype)
-                    )
+                    norm.weight.copy_(fold_into_norm(norm.weight, d.s))
     kept: dict[str, str] = {}
     for name, m in mods.items():
         d = col.get(name)

@@ -38,6 +38,7 @@ KERNELS = ("auto", "numba", "torch", "dequant")
 _EXACT_F32_CHUNK = 1024
 # cuBLASLt int8 GEMM shape rules (torch._int_mm on CUDA).
 CUDA_ALIGNMENT = {"min_rows": 17, "multiple": 8}
+NUMBA_MIN_ELEMENTS = 1 << 18
 
 
 def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,7 +225,9 @@ class Int8Linear(nn.Module):
     def _backend(self, x: torch.Tensor) -> str:
         if self.kernel != "auto":
             return self.kernel
-        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and _numba_kernels():
+        cpu_float = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
+        # below ~256k elements the thread pool start-up outweighs the saved passes
+        if cpu_float and x.numel() >= NUMBA_MIN_ELEMENTS and _numba_kernels():
             return "numba"
         return "torch"
 

@@ -179,19 +179,25 @@ def _group_errors(
     return {c: v / len(weights) for c, v in total.items()}
 
 
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def fold_into_norm(norm_weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Norm weight / s, in the norm weight's dtype."""
-    return (norm_weight.float() / s).to(norm_weight.dtype)
+    """Norm weight / s, computed in float64 and stored in the norm weight's dtype."""
+    return (norm_weight.double() / s.double().to(norm_weight.device)).to(norm_weight.dtype)
 
 
 def scale_rows(weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """float32 weight [N, K] with row n divided by s_n (the producing Linear of a smoothed input)."""
-    return weight.float() / s[:, None]
+    """Weight [N, K] (float32 or wider) with row n divided by s_n (the producing Linear of a smoothed input)."""
+    dt = _work_dtype(weight)
+    return weight.to(dt) / s.to(dt)[:, None]
 
 
 def scale_columns(weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """float32 weight [N, K] with column k multiplied by s_k."""
-    return weight.float() * s[None, :]
+    """Weight [N, K] (float32 or wider) with column k multiplied by s_k."""
+    dt = _work_dtype(weight)
+    return weight.to(dt) * s.to(dt)[None, :]
 
 
 def plan_group(

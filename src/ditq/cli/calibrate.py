@@ -1,0 +1,115 @@
+"""`ditq calibrate MODEL --captions FILE --samples N -o stats.safetensors`: record the activation statistics of both
+transformers (per timestep bucket) over the real sampling schedule, once, for SmoothQuant, the fragility analysis
+and GGUF importance matrices."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ditq.errors import ConfigError
+
+
+def add_parser(subparsers) -> None:
+    from ditq.cli.generate import add_sampling_args
+
+    p = subparsers.add_parser(
+        "calibrate", help="record activation statistics for INT8 / GGUF", description=__doc__
+    )
+    p.add_argument("model", help="the reference model: 'tiny', a pipeline folder (official FP8) or a hub id")
+    p.add_argument(
+        "--captions",
+        type=Path,
+        help="JSONL with a 'caption' or 'prompt' per line (default: the built-in prompt suite)",
+    )
+    p.add_argument("--samples", type=int, default=16, help="number of captions to run (default 16)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="statistics file to write (.safetensors)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first caption; caption i uses seed + i")
+    p.add_argument(
+        "--buckets", type=int, default=4, help="timestep buckets, equal widths in [0, 1] (default 4)"
+    )
+    p.add_argument(
+        "--sample-tokens",
+        type=int,
+        default=64,
+        help="input tokens kept per layer for choosing alpha (default 64)",
+    )
+    p.add_argument(
+        "--probes-per-bucket",
+        type=int,
+        default=1,
+        help="transformer calls kept per bucket for ditq sensitivity (default 1)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype (default bf16)")
+    add_sampling_args(p)
+    p.set_defaults(func=run)
+
+
+def read_captions(path: Path) -> list[str]:
+    """Captions from a JSONL file: each line an object with a `caption` (text or JSON object) or `prompt`."""
+    if not path.is_file():
+        raise ConfigError(f"--captions {path}: no such file")
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
+        if not isinstance(rec, dict):
+            raise ConfigError(f"{path}:{i}: expected a JSON object with a 'caption' or 'prompt' field")
+        text = rec.get("caption") or rec.get("prompt")
+        if isinstance(text, dict):
+            text = json.dumps(text, ensure_ascii=False, separators=(",", ":"))
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f"{path}:{i}: expected a non-empty 'caption' or 'prompt'")
+        out.append(text)
+    return out
+
+
+def default_captions() -> list[str]:
+    import ditq.prompts
+
+    load_suite = getattr(ditq.prompts, "load_suite", None)
+    if load_suite is None:
+        raise ConfigError("no built-in prompt suite in this install; pass --captions FILE")
+    return [r.caption or r.prompt for r in load_suite()]
+
+
+def run(args) -> int:
+    from ditq.cli.generate import settings_from_args, torch_dtype
+    from ditq.models.loading import load_pipeline
+    from ditq.quant.int8.calibrate import calibrate_pipeline
+
+    captions = read_captions(args.captions) if args.captions else default_captions()
+    if args.samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {args.samples} (zero calibration samples)")
+    if args.samples > len(captions):
+        where = args.captions or "the built-in suite"
+        raise ConfigError(f"--samples {args.samples}: {where} has only {len(captions)} captions")
+    if args.buckets < 1:
+        raise ConfigError(f"--buckets must be >= 1, got {args.buckets}")
+    pipe = load_pipeline(args.model, device=args.device, dtype=torch_dtype(args.dtype))
+    s = settings_from_args(args, pipe)
+    stats = calibrate_pipeline(
+        pipe,
+        captions[: args.samples],
+        height=s.height,
+        width=s.width,
+        steps=s.steps,
+        guidance_schedule=s.guidance_schedule,
+        mu=s.mu,
+        std=s.std,
+        max_sequence_length=s.max_sequence_length,
+        seed=args.seed,
+        buckets=[i / args.buckets for i in range(args.buckets + 1)],
+        sample_tokens=args.sample_tokens,
+        probes_per_bucket=args.probes_per_bucket,
+    )
+    stats.meta["model"] = args.model
+    path = stats.save(args.output)
+    counts = {tr: len(m) for tr, m in stats.modules.items()}
+    print(f"{path}: {args.samples} captions x {s.steps} steps, inputs recorded per transformer: {counts}")
+    return 0
