@@ -59,6 +59,9 @@ def add_parser(subparsers) -> None:
     h.add_argument("--device", default="cpu")
     h.add_argument("--max-new-tokens", type=int, default=1024)
     h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--dtype", default="bfloat16", help="float32 or bfloat16 (default)")
+    h.add_argument("--max-string-length", type=int, help="bound every generated string (keeps output finite)")
+    h.add_argument("--max-elements", type=int, help="bound the number of elements")
     e.set_defaults(func=run_expand)
 
     s = verbs.add_parser(
@@ -117,8 +120,11 @@ def _expander_options(args) -> dict:
         return {
             "model": args.model,
             "device": args.device,
+            "dtype": args.dtype,
             "max_new_tokens": args.max_new_tokens,
             "seed": args.seed,
+            "max_string_length": args.max_string_length,
+            "max_elements": args.max_elements,
         }
     return {}
 

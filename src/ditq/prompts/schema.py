@@ -161,3 +161,81 @@ def caption_json_schema() -> dict[str, Any]:
             "text_element": _element("text"),
         },
     }
+
+
+def _generation_string(max_length: int | None) -> dict[str, Any]:
+    # Raw JSON text between the quotes: a non-space first character, then characters or simple escapes. No bare
+    # quote, backslash or control character can appear, so the text always parses and is never blank.
+    rest = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt])'
+    count = "*" if max_length is None else f"{{0,{max(max_length - 1, 0)}}}"
+    return {"type": "string", "pattern": rf'[^"\\\x00-\x1f\s]{rest}{count}'}
+
+
+def generation_json_schema(
+    *,
+    max_string_length: int | None = None,
+    max_elements: int | None = None,
+    style: bool = True,
+    palettes: bool = True,
+) -> dict[str, Any]:
+    """A JSON Schema for constrained decoding (outlines) whose every output passes the validator.
+
+    Differences from `caption_json_schema`: `properties` are listed in the required key order (constrained decoders
+    emit them in that order, so order holds by construction); strings are patterns that cannot be blank; `bbox` is
+    left out (integer bounds and min < max are not enforced by decoders); `max_string_length` and `max_elements`
+    bound the output so that generation ends within a token budget even for a model with random weights.
+    """
+    text = _generation_string(max_string_length)
+    color = {"type": "string", "pattern": HEX_COLOR_PATTERN.strip("^$")}
+
+    def palette(limit: int) -> dict[str, Any]:
+        return {"type": "array", "items": color, "maxItems": limit}
+
+    def style_variant(order: tuple[str, ...]) -> dict[str, Any]:
+        keys = [k for k in order if palettes or k != "color_palette"]
+        props = {k: palette(STYLE_PALETTE_MAX) if k == "color_palette" else text for k in keys}
+        return {
+            "type": "object",
+            "properties": props,
+            "required": [k for k in keys if k not in STYLE_OPTIONAL],
+        }
+
+    def element(kind: str) -> dict[str, Any]:
+        keys = [k for k in ELEMENT_ORDER[kind] if k != "bbox" and (palettes or k != "color_palette")]
+        props: dict[str, Any] = {}
+        for key in keys:
+            props[key] = (
+                {"const": kind}
+                if key == "type"
+                else palette(ELEMENT_PALETTE_MAX)
+                if key == "color_palette"
+                else text
+            )
+        return {
+            "type": "object",
+            "properties": props,
+            "required": [k for k in keys if k not in ELEMENT_OPTIONAL],
+        }
+
+    elements: dict[str, Any] = {
+        "type": "array",
+        "items": {"anyOf": [element("obj"), element("text")]},
+        "minItems": 1,
+    }
+    if max_elements is not None:
+        elements["maxItems"] = max_elements
+    properties: dict[str, Any] = {"high_level_description": text}
+    if style:
+        properties["style_description"] = {
+            "anyOf": [style_variant(STYLE_ORDER_PHOTO), style_variant(STYLE_ORDER_ART)]
+        }
+    properties["compositional_deconstruction"] = {
+        "type": "object",
+        "properties": {"background": text, "elements": elements},
+        "required": list(COMPOSITION_ORDER),
+    }
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": ["high_level_description", "compositional_deconstruction"],
+    }

@@ -45,6 +45,6 @@ EXPANDERS: Registry[Callable[..., Expander]] = Registry("caption expander")
 
 # Each expander registers itself where it is defined; these modules keep torch, transformers and outlines
 # imports inside the functions that need them, so importing them here is cheap.
-from ditq.prompts.expanders import openai_chat, template  # noqa: E402, F401
+from ditq.prompts.expanders import ideogram4, openai_chat, template  # noqa: E402, F401
 
 __all__ = ["EXPANDERS", "Expander", "ExpanderError", "expand_all"]
