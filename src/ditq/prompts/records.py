@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import IO, Any
 
 from ditq.errors import ConfigError
@@ -38,7 +39,7 @@ class PromptRecord:
     prompt: str
     caption: str = ""
     texts: tuple[str, ...] = ()
-    fields: Mapping[str, Any] = field(default_factory=dict)
+    fields: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "") -> PromptRecord:
@@ -67,7 +68,7 @@ class PromptRecord:
             prompt=data["prompt"],
             caption=caption,
             texts=tuple(texts),
-            fields={k: v for k, v in data.items() if k not in known},
+            fields=MappingProxyType({k: v for k, v in data.items() if k not in known}),
         )
 
     def to_dict(self) -> dict[str, Any]:
