@@ -40,6 +40,28 @@ def strip_prefix(name: str) -> str:
     return name
 
 
+def find_prefix(names: Iterable[str]) -> str:
+    """The ComfyUI-style prefix every name carries ("" for none); refuse a file where only some names carry it.
+
+    ComfyUI and ComfyUI-GGUF keep only the prefixed tensors of a file that has any, so a partial prefix would
+    silently drop the rest.
+    """
+    names = list(names)
+    found = {next((p for p in COMFY_PREFIXES if n.startswith(p)), "") for n in names}
+    if len(found) > 1:
+        bare = [n for n in names if not n.startswith(COMFY_PREFIXES)][:3]
+        raise CheckpointError(
+            f"only some tensor names carry a {' / '.join(sorted(found - {''}))} prefix (e.g. {', '.join(bare)} do "
+            "not); expected all or none"
+        )
+    return found.pop() if found else ""
+
+
+def add_prefix(state: Mapping[str, T], prefix: str) -> dict[str, T]:
+    """The same tensors under `prefix + name` (any existing ComfyUI prefix replaced)."""
+    return {prefix + strip_prefix(name): tensor for name, tensor in state.items()}
+
+
 def detect_layout(names: Iterable[str]) -> str:
     """Return "fused", "split" or "neutral" (no attention keys); refuse a mix of both."""
     fused = split = False

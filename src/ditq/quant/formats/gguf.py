@@ -95,6 +95,14 @@ class GGUFBlockFormat(LinearFormat):
             return tensor
         return super().slice_rows(suffix, tensor, part, parts)
 
+    def join_rows(self, suffix, tensors):
+        if suffix == QTYPE_SUFFIX:
+            if any(int(t) != int(tensors[0]) for t in tensors):
+                names = [GGMLQuantizationType(int(t)).name for t in tensors]
+                raise CheckpointError(f"cannot join GGUF parts of different types {names} into one tensor")
+            return tensors[0]
+        return super().join_rows(suffix, tensors)
+
 
 class GGUFSource:
     """A GGUF file seen as named tensors for `ditq.models.weights.load_into`."""

@@ -11,8 +11,9 @@ ComfyUI (`comfy/ops.py`, mixed-precision ops) reads `comfy_quant` per layer and 
 stable-diffusion.cpp reads the same layers from the file-level metadata key `_quantization_metadata`
 (`{"format_version": "1.0", "layers": {m: {"format": "int8_tensorwise"}}}`), which ComfyUI also understands; ditq
 writes both. Activations are quantized per token at run time (no `input_scale`). ditq also reads a scalar
-(tensor-wise) scale and a flat `[N]` scale. ConvRot-rotated files (`"convrot": true`) are refused: their weights
-are in a Hadamard-rotated basis.
+(tensor-wise) scale and a flat `[N]` scale. ConvRot files (`"convrot": true`, `"convrot_groupsize": G`) store the
+weight in a block-Hadamard-rotated basis; they run as ComfyUI runs them, rotating each token's input first
+(`ditq.interop.convrot`).
 """
 
 from __future__ import annotations
@@ -54,18 +55,21 @@ def quantization_metadata(layers: list[str]) -> str:
     return json.dumps({"format_version": "1.0", "layers": {name: dict(MARKER) for name in layers}})
 
 
-def _check_marker(tensors: dict[str, torch.Tensor]) -> None:
+def _check_marker(tensors: dict[str, torch.Tensor]) -> int | None:
+    """The ConvRot group size the marker declares (ComfyUI reads it flat or under "params"), None if unrotated."""
     if "comfy_quant" not in tensors:
-        return
+        return None
     conf = parse_marker(tensors["comfy_quant"])
     fmt = conf.get("format")
     if fmt != COMFY_FORMAT:
         raise CheckpointError(f"comfy_quant format is {fmt!r}; the int8 reader handles {COMFY_FORMAT!r} only")
     params = conf.get("params") if isinstance(conf.get("params"), dict) else {}
-    if conf.get("convrot", params.get("convrot", False)):
-        raise CheckpointError(
-            "comfy_quant marks a ConvRot (Hadamard-rotated) INT8 weight; ditq reads unrotated int8_tensorwise only"
-        )
+    if not conf.get("convrot", params.get("convrot", False)):
+        return None
+    size = conf.get("convrot_groupsize", params.get("convrot_groupsize", 256))
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise CheckpointError(f"comfy_quant convrot_groupsize is {size!r}; expected an integer power of 4")
+    return size
 
 
 @register_format
@@ -95,12 +99,22 @@ class Int8TensorwiseFormat(LinearFormat):
     ) -> nn.Module:
         from ditq.quant.int8.linear import Int8Linear
 
-        _check_marker(tensors)
-        return Int8Linear(tensors["weight"], self._row_scale(tensors), tensors.get("bias"), kernel=kernel)
+        group = _check_marker(tensors)
+        layer = Int8Linear(tensors["weight"], self._row_scale(tensors), tensors.get("bias"), kernel=kernel)
+        if group is None:
+            return layer
+        from ditq.interop.convrot import ConvRotInt8Linear
+
+        return ConvRotInt8Linear(layer, group)
 
     def dequantize(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        _check_marker(tensors)
-        return tensors["weight"].float() * self._row_scale(tensors)[:, None]
+        group = _check_marker(tensors)
+        w = tensors["weight"].float() * self._row_scale(tensors)[:, None]
+        if group is None:
+            return w
+        from ditq.interop.convrot import rotate
+
+        return rotate(w, group)
 
     def slice_rows(self, suffix: str, tensor: torch.Tensor, part: int, parts: int) -> torch.Tensor:
         if suffix == "comfy_quant" or tensor.numel() == 1:
