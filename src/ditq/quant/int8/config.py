@@ -28,7 +28,7 @@ from ditq.errors import ConfigError
 from ditq.interop.keys import fused_module_name
 from ditq.quant.int8.calibrate import DEFAULT_BUCKETS, CalibrationRecorder, CalibrationStats, is_linear_like
 from ditq.quant.int8.linear import KERNELS, Int8Linear
-from ditq.quant.int8.smoothquant import AlphaChoice, SmoothGroup, fold_into_norm, search_alpha
+from ditq.quant.int8.smoothquant import SEARCH_ROWS, AlphaChoice, SmoothGroup, fold_into_norm, search_alpha
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ class Int8W8A8Config:
 @dataclass(frozen=True, kw_only=True)
 class SmoothQuantConfig:
     """SmoothQuant around a W8A8 config. `alpha=None` searches α per group over `alpha_grid`; a number applies it
-    everywhere. `unfoldable` says what happens to a smoothed group with no neighbour to fold 1/s into."""
+    everywhere. `unfoldable` says what happens to a smoothed group with no neighbour to fold 1/s into. The search
+    measures each candidate on `search_rows` evenly spaced output rows per weight (None: all rows)."""
 
     base: Int8W8A8Config = field(default_factory=Int8W8A8Config)
     alpha: float | None = None
@@ -76,6 +77,7 @@ class SmoothQuantConfig:
     step: str = "convert"
     buckets: tuple[float, ...] = DEFAULT_BUCKETS
     sample_tokens: int = 64
+    search_rows: int | None = SEARCH_ROWS
 
     def __post_init__(self) -> None:
         if not isinstance(self.base, Int8W8A8Config):
@@ -94,6 +96,8 @@ class SmoothQuantConfig:
             raise ConfigError(f"step must be one of {STEPS}, got {self.step!r}")
         if self.sample_tokens < 1:
             raise ConfigError(f"sample_tokens must be >= 1, got {self.sample_tokens}")
+        if self.search_rows is not None and self.search_rows < 1:
+            raise ConfigError(f"search_rows must be >= 1 or None (all rows), got {self.search_rows}")
 
     def to_dict(self) -> dict:
         d = {"type": type(self).__name__, **asdict(self)}
@@ -160,6 +164,7 @@ def decide_group(
         config.alpha,
         config.allow_no_smoothing,
         where=group.name,
+        search_rows=config.search_rows,
     )
     if choice.alpha is None:
         return GroupDecision(group, "none", choice)

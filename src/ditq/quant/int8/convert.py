@@ -45,7 +45,7 @@ from ditq.quant.int8.config import (
     recipe_dict,
 )
 from ditq.quant.int8.linear import quantize_weight_per_channel
-from ditq.quant.int8.smoothquant import fold_into_norm, smooth_groups
+from ditq.quant.int8.smoothquant import _blocks, fold_into_norm, smooth_groups
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,24 @@ class _Reader:
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+
+class _StoredRows:
+    """A stored Linear weight [N, K] (FP8 with row scales, or float) dequantized to float32 a block of rows at a
+    time: the same arithmetic as `Fp8Linear.dequantized_weight(torch.float32)`."""
+
+    def __init__(self, weight: torch.Tensor, row_scale: torch.Tensor | None) -> None:
+        self.weight, self.row_scale = weight, row_scale
+        self.shape = tuple(weight.shape)
+
+    def rows(self, index: slice | torch.Tensor) -> torch.Tensor:
+        w = self.weight[index].float()
+        return w if self.row_scale is None else w * self.row_scale[index][:, None]
+
+    def part(self, part: int, parts: int) -> _StoredRows:
+        step = self.shape[0] // parts
+        sl = slice(part * step, (part + 1) * step)
+        return _StoredRows(self.weight[sl], None if self.row_scale is None else self.row_scale[sl])
 
 
 def _linear_names(folder: Path) -> dict[str, tuple[int, int]]:
@@ -209,38 +227,29 @@ class _Converter:
                 )
 
     # -- reading
-    def fused_weight(self, fused: str) -> torch.Tensor:
-        """float32 [N, K] of a fused Linear as the source stores it (FP8 dequantized)."""
+    def fused_weight(self, fused: str) -> _StoredRows:
+        """The fused Linear's weight [N, K] as stored (FP8 + row scales, or float), read as float32 by rows."""
         w = self.reader.get(f"{fused}.weight")
         scale = next((s for s in SCALE_ALIASES if s in self.modules[fused]), None)
-        if w.dtype == torch.float8_e4m3fn or scale is not None:
-            if scale is None:
-                raise CheckpointError(f"{self.src}: {fused}.weight is {w.dtype} without a weight_scale")
-            return w.float() * self.reader.get(f"{fused}.{scale}").float().reshape(-1)[:, None]
-        return w.float()
-
-    def split_weight(self, name: str) -> torch.Tensor:
-        fused, part, parts = _split_part(name)
-        w = self.fused_weight(fused)
-        step = w.shape[0] // parts
-        return w[part * step : (part + 1) * step]
+        if w.element_size() == 1 and scale is None:
+            raise CheckpointError(f"{self.src}: {fused}.weight is {w.dtype} without a weight_scale")
+        row_scale = None if scale is None else self.reader.get(f"{fused}.{scale}").float().reshape(-1)
+        return _StoredRows(w, row_scale)
 
     # -- pass 1
     def decide(self, progress: bool) -> list[GroupDecision]:
         from tqdm.auto import tqdm
 
         groups = smooth_groups(self.linears)
-        cache: dict[str, torch.Tensor] = {}
+        cache: dict[str, _StoredRows] = {}
 
-        def weight(name: str) -> torch.Tensor:
-            fused = _split_part(name)[0]
+        def weight(name: str) -> _StoredRows:
+            fused, part, parts = _split_part(name)
             if fused not in cache:
-                cache.clear()
+                if len(cache) > 1:
+                    cache.clear()
                 cache[fused] = self.fused_weight(fused)
-            _, part, parts = _split_part(name)
-            w = cache[fused]
-            step = w.shape[0] // parts
-            return w[part * step : (part + 1) * step]
+            return cache[fused].part(part, parts)
 
         decisions = []
         for g in tqdm(groups, desc=f"alpha {self.transformer}", disable=not progress):
@@ -307,28 +316,37 @@ class _Converter:
     def linear_tensors(
         self, module: str, members: list[str], col, rows, quantize: bool
     ) -> dict[str, torch.Tensor]:
-        w = self.fused_weight(module)
+        """Fold, smooth and quantize one fused Linear a block of rows at a time (row blocks stay within one
+        member of a fused qkv, whose columns share one smoothing vector anyway)."""
+        src = self.fused_weight(module)
+        n, k = src.shape
         bias = self.reader.get(f"{module}.bias") if "bias" in self.modules[module] else None
         b = None if bias is None else bias.float()
-        step = w.shape[0] // len(members)
-        for part, parts, s in rows.get(module, []):
-            lo, hi = part * w.shape[0] // parts, (part + 1) * w.shape[0] // parts
-            w[lo:hi] /= s[:, None]
+        row_div = None
+        if module in rows:
+            row_div = torch.ones(n)
+            for part, parts, s in rows[module]:
+                row_div[part * n // parts : (part + 1) * n // parts] = s
             if b is not None:
-                b[lo:hi] /= s
-        for i, n in enumerate(members):
-            if n in col:
-                w[i * step : (i + 1) * step] *= col[n][None, :]
-        out = {}
+                b = b / row_div
+        out_w = torch.empty(n, k, dtype=torch.int8 if quantize else torch.bfloat16)
+        out_s = torch.empty(n, 1, dtype=torch.float32)
+        step = n // len(members)
+        for i, name in enumerate(members):
+            cs = col.get(name)
+            for block in _blocks(step, k):
+                r = slice(i * step + block.start, i * step + block.stop)
+                w = src.rows(r)
+                if row_div is not None:
+                    w = w / row_div[r, None]
+                if quantize:
+                    q, sc = quantize_weight_per_channel(w, cs)
+                    out_w[r], out_s[r, 0] = q, sc
+                else:
+                    out_w[r] = (w if cs is None else w * cs[None, :]).to(torch.bfloat16)
+        out = {"weight": out_w}
         if quantize:
-            q, scale = quantize_weight_per_channel(w)
-            out["weight"], out["weight_scale"], out["comfy_quant"] = (
-                q,
-                scale[:, None].contiguous(),
-                marker_tensor(),
-            )
-        else:
-            out["weight"] = w.to(torch.bfloat16)
+            out["weight_scale"], out["comfy_quant"] = out_s, marker_tensor()
         if bias is not None:
             out["bias"] = b.to(bias.dtype)
         return out

@@ -41,28 +41,51 @@ CUDA_ALIGNMENT = {"min_rows": 17, "multiple": 8}
 NUMBA_MIN_ELEMENTS = 1 << 18
 
 
-def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float weight [N, K] -> (int8 [N, K], fp32 scale [N]) with scale = row absmax / 127 (1 for all-zero rows)."""
-    w = weight.float()
-    amax = w.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
-    q = torch.round(w / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return q, scale
-
-
-def quantize_per_token(
-    x: torch.Tensor, inv_smooth: torch.Tensor | None = None
+def quantize_rows(
+    x: torch.Tensor, col_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations [M, K] -> (int8 [M, K], fp32 scale [M]); the reference arithmetic of every backend."""
+    """Symmetric int8 per row of (x * col_scale): (int8 [M, K], fp32 scale [M] = row absmax / 127, 1 if zero).
+
+    The one quantization arithmetic of this package: q = clamp(rint((x * col_scale) * (1 / scale)), ±127), all in
+    float32. Weights (per output channel) and activations (per token) both use it; large CPU inputs go through a
+    one-pass numba kernel with bit-identical results.
+    """
+    kern = _numba_kernels() if x.device.type == "cpu" and x.numel() >= NUMBA_MIN_ELEMENTS else None
+    if kern is not None and x.dtype in (torch.float32, torch.bfloat16) and x.ndim == 2:
+        x = x.contiguous()
+        cs = _ones(x.shape[1]) if col_scale is None else col_scale.float().contiguous()
+        q = torch.empty(x.shape, dtype=torch.int8)
+        scale = torch.empty(x.shape[0], dtype=torch.float32)
+        if x.dtype == torch.bfloat16:
+            kern.quantize_rows_bf16(
+                x.view(torch.int16).numpy().view("uint16"), cs.numpy(), q.numpy(), scale.numpy(), 0
+            )
+        else:
+            kern.quantize_rows_f32(x.numpy(), cs.numpy(), q.numpy(), scale.numpy(), 0)
+        return q, scale
     xf = x.float()
-    if inv_smooth is not None:
-        xf = xf * inv_smooth
+    if col_scale is not None:
+        xf = xf * col_scale.float()
     amax = xf.abs().amax(dim=1)
     scale = amax / float(INT8_MAX)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     inv = 1.0 / scale
     q = torch.round(xf * inv[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
+
+
+def quantize_weight_per_channel(
+    weight: torch.Tensor, col_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float weight [N, K] (times `col_scale` [K], e.g. a smoothing vector) -> (int8 [N, K], fp32 scale [N])."""
+    return quantize_rows(weight, col_scale)
+
+
+def quantize_per_token(
+    x: torch.Tensor, inv_smooth: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations [M, K] (times `inv_smooth` [K]) -> (int8 [M, K], fp32 scale [M])."""
+    return quantize_rows(x, inv_smooth)
 
 
 def exact_int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -196,10 +219,7 @@ class Int8Linear(nn.Module):
         kernel: str = "auto",
     ) -> Int8Linear:
         """Quantize a float weight [N, K]; with `smooth` [K], the stored weight is `weight * smooth`."""
-        w = weight.float()
-        if smooth is not None:
-            w = w * smooth.float()[None, :]
-        q, scale = quantize_weight_per_channel(w)
+        q, scale = quantize_weight_per_channel(weight.float(), None if smooth is None else smooth.float())
         return cls(q, scale, bias, smooth, kernel)
 
     @property

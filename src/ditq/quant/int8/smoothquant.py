@@ -20,8 +20,9 @@ the search never does worse than plain W8A8 on those tokens. A global α skips t
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -30,7 +31,8 @@ from ditq.quant.int8.calibrate import ModuleStats
 from ditq.quant.int8.linear import int8_matmul, quantize_per_token, quantize_weight_per_channel
 
 S_MIN, S_MAX = 1e-5, 1e5
-_ROW_CHUNK = 4096
+CHUNK_ELEMENTS = 1 << 24  # rows are processed in blocks of ~16M elements (64 MB of float32)
+SEARCH_ROWS = 2048
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,29 @@ def smoothing_vector(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: fl
     return s.clamp(S_MIN, S_MAX).float()
 
 
-def w8a8_relative_error(weight: torch.Tensor, x: torch.Tensor, s: torch.Tensor | None = None) -> float:
-    """||Q(x/s) Q(W·s)^T - x W^T||² / ||x W^T||² for fp32 x [T, K], W [N, K] (row chunks bound the memory)."""
-    return _group_errors([weight], x, {"s": s})["s"]
+class RowSource(Protocol):
+    """A weight [N, K] read by rows as float32 (e.g. an FP8 tensor dequantized a block at a time)."""
+
+    shape: tuple[int, int]
+
+    def rows(self, index: slice | torch.Tensor) -> torch.Tensor: ...
+
+
+Weight = torch.Tensor | RowSource
+
+
+def _rows(weight: Weight, index: slice | torch.Tensor) -> torch.Tensor:
+    return weight[index].float() if isinstance(weight, torch.Tensor) else weight.rows(index)
+
+
+def _blocks(n_rows: int, k: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    return [slice(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
+
+
+def w8a8_relative_error(weight: Weight, x: torch.Tensor, s: torch.Tensor | None = None) -> float:
+    """||Q(x/s) Q(W·s)^T - x W^T||² / ||x W^T||² for fp32 x [T, K], W [N, K], over all rows."""
+    return _group_errors([weight], x, {"s": s}, search_rows=None)["s"]
 
 
 @dataclass
@@ -114,25 +136,30 @@ class AlphaChoice:
     errors: dict[str, float] = field(default_factory=dict)
 
 
-def column_absmax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
-    """max_n |W_nj| [K] over all rows of all weights (chunked)."""
+def column_absmax(weights: Sequence[Weight]) -> torch.Tensor:
+    """max_n |W_nk| [K] over all rows of all weights, a block of rows at a time."""
     out = None
     for w in weights:
-        for r0 in range(0, w.shape[0], _ROW_CHUNK):
-            a = w[r0 : r0 + _ROW_CHUNK].float().abs().amax(dim=0)
+        for rows in _blocks(w.shape[0], w.shape[1]):
+            a = _rows(w, rows).abs().amax(dim=0)
             out = a if out is None else torch.maximum(out, a)
     return out
 
 
 def search_alpha(
-    weights: Sequence[torch.Tensor],
+    weights: Sequence[Weight],
     stats: ModuleStats,
     grid: Sequence[float],
     alpha: float | None = None,
     allow_none: bool = True,
     where: str = "",
+    search_rows: int | None = SEARCH_ROWS,
 ) -> AlphaChoice:
-    """Pick α for a group of weights [N_i, K] sharing one input, from its calibration statistics."""
+    """Pick α for a group of weights [N_i, K] sharing one input, from its calibration statistics.
+
+    s uses the column maxima of the whole weights; the error of each candidate is measured on the sample tokens
+    and on up to `search_rows` evenly spaced output rows of each weight (None: all rows).
+    """
     k = weights[0].shape[1]
     if stats.in_features != k:
         raise CheckpointError(
@@ -148,7 +175,7 @@ def search_alpha(
     candidates: dict[str, torch.Tensor | None] = {"none": None}
     for a in [alpha] if alpha is not None else list(grid):
         candidates[f"{a:g}"] = smoothing_vector(act, w_abs, a)
-    errors = _group_errors(weights, x, candidates)
+    errors = _group_errors(weights, x, candidates, search_rows)
     alphas = [c for c in candidates if c != "none"]
     best = min(alphas, key=lambda c: errors[c])
     if alpha is None and allow_none and errors["none"] <= errors[best]:
@@ -157,22 +184,30 @@ def search_alpha(
 
 
 def _group_errors(
-    weights: Sequence[torch.Tensor], x: torch.Tensor, candidates: dict[str, torch.Tensor | None]
+    weights: Sequence[Weight],
+    x: torch.Tensor,
+    candidates: dict[str, torch.Tensor | None],
+    search_rows: int | None,
 ) -> dict[str, float]:
     """Mean over weights of the relative W8A8 output error, for every candidate smoothing vector."""
     xq = {c: quantize_per_token(x, None if s is None else 1.0 / s) for c, s in candidates.items()}
+    xd = x.double()
     total = dict.fromkeys(candidates, 0.0)
     for weight in weights:
+        n, k = weight.shape
+        index = None
+        if search_rows is not None and n > search_rows:
+            index = torch.linspace(0, n - 1, search_rows).round().long().unique()
         num = dict.fromkeys(candidates, 0.0)
         den = 0.0
-        for r0 in range(0, weight.shape[0], _ROW_CHUNK):
-            w = weight[r0 : r0 + _ROW_CHUNK].float()
-            ref = x.double() @ w.double().t()
+        for block in _blocks(n if index is None else index.numel(), k):
+            w = _rows(weight, block if index is None else index[block])
+            ref = xd @ w.double().t()
             den += float((ref**2).sum())
             for c, s in candidates.items():
-                wq, ws = quantize_weight_per_channel(w if s is None else w * s[None, :])
+                wq, ws = quantize_weight_per_channel(w, s)
                 q, qs = xq[c]
-                y = int8_matmul(q, wq.t().contiguous()).double() * qs.double()[:, None] * ws.double()[None, :]
+                y = int8_matmul(q, wq.t()).double() * qs.double()[:, None] * ws.double()[None, :]
                 num[c] += float(((y - ref) ** 2).sum())
         for c in candidates:
             total[c] += num[c] / den if den > 0 else 0.0
@@ -198,16 +233,3 @@ def scale_columns(weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Weight [N, K] (float32 or wider) with column k multiplied by s_k."""
     dt = _work_dtype(weight)
     return weight.to(dt) * s.to(dt)[None, :]
-
-
-def plan_group(
-    group: SmoothGroup,
-    get_weight: Callable[[str], torch.Tensor],
-    stats: ModuleStats,
-    grid: Sequence[float],
-    alpha: float | None,
-    allow_none: bool,
-) -> AlphaChoice:
-    """Search α for a group, loading its weights through `get_weight(module) -> fp32 [N, K]`."""
-    weights = [get_weight(n) for n in group.linears]
-    return search_alpha(weights, stats, grid, alpha, allow_none, where=group.name)
