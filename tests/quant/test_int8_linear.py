@@ -134,3 +134,38 @@ def test_int8_linear_stays_float32_inside_and_handles_empty_input():
     assert lin(torch.zeros(0, 8, dtype=torch.bfloat16)).shape == (0, 4)
     y = lin(torch.zeros(2, 8, dtype=torch.bfloat16))
     assert torch.equal(y.float(), lin.bias.to(torch.bfloat16).float().expand(2, 4))
+
+
+def test_numba_and_torch_quantizers_agree_on_large_inputs(monkeypatch):
+    from ditq.quant.int8 import linear
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 1024, generator=gen) * torch.rand(300, 1, generator=gen) * 10
+    cs = torch.rand(1024, generator=gen) + 0.5
+    for t in (x, x.to(torch.bfloat16)):
+        fast = linear.quantize_rows(t, cs)  # >= NUMBA_MIN_ELEMENTS: the numba kernel
+        monkeypatch.setattr(linear, "NUMBA_MIN_ELEMENTS", 1 << 40)
+        slow = linear.quantize_rows(t, cs)
+        monkeypatch.undo()
+        assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+def test_missing_int8_gemm_falls_back_exactly_and_logs_once(monkeypatch, caplog):
+    from ditq.quant.int8 import linear
+
+    lin = Int8Linear.from_float(torch.randn(24, 40), kernel="torch")
+    x = torch.randn(5, 40)
+    want = lin(x)
+
+    def no_int_mm(*args, **kwargs):
+        raise RuntimeError("_int_mm: not implemented for this device")
+
+    linear._int_mm_works.cache_clear()
+    monkeypatch.setattr(torch, "_int_mm", no_int_mm)
+    try:
+        with caplog.at_level("WARNING", logger="ditq.quant.int8.linear"):
+            assert torch.equal(lin(x), want) and torch.equal(lin(x), want)
+        assert sum("unavailable" in r.message for r in caplog.records) == 1
+    finally:
+        monkeypatch.undo()
+        linear._int_mm_works.cache_clear()
