@@ -224,14 +224,15 @@ class _Accumulator:
 
     def add(self, x: torch.Tensor, b: int) -> None:
         x2 = x.detach().reshape(-1, x.shape[-1]).float().cpu()
-        tok = x2.abs().amax(dim=1)
+        a = x2.abs()
+        tok = a.amax(dim=1)
         keep = tok > 0
         if not bool(keep.all()):
-            x2, tok = x2[keep], tok[keep]
+            x2, a, tok = x2[keep], a[keep], tok[keep]
         if x2.shape[0] == 0:
             return
-        self.absmax[b] = torch.maximum(self.absmax[b], x2.abs().amax(dim=0))
-        self.sumsq[b] += (x2.double() ** 2).sum(dim=0)
+        self.absmax[b] = torch.maximum(self.absmax[b], a.amax(dim=0))
+        self.sumsq[b] += a.square_().sum(dim=0, dtype=torch.float64)
         self.count[b] += x2.shape[0]
         self.token_absmax[b], self.token_seen[b] = _reservoir(
             self.token_absmax[b], tok, self.token_seen[b], TOKEN_RESERVOIR, self.gen
