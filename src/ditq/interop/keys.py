@@ -92,6 +92,15 @@ def _is_row_tensor(suffix: str, tensor) -> bool:
     return True
 
 
+def _same(a, b) -> bool:
+    """Whether two per-module tensors (markers, GGUF type tags) agree; non-tensor values (names) always do."""
+    import torch
+
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    return True
+
+
 def fused_to_split(
     state: Mapping[str, T],
     row_slicer: Callable[[str, T, int, int], T] | None = None,
@@ -148,6 +157,11 @@ def split_to_fused(
             )
         ordered = [parts[p] for p in "qkv"]
         if not _is_row_tensor(suffix, ordered[0]):
+            if any(not _same(t, ordered[0]) for t in ordered[1:]):
+                raise CheckpointError(
+                    f"{head}to_q/to_k/to_v.{suffix} differ (different types or markers); they cannot share one "
+                    f"{head}qkv.{suffix}"
+                )
             value = ordered[0]
         elif row_joiner:
             value = row_joiner(suffix, ordered)
