@@ -72,25 +72,25 @@ def _to_bf16_bits(v):
     return np.uint16(b >> np.uint32(16))
 
 
-@numba.njit(inline="always", cache=True)
-def _quantize_row(x, load, m, inv_smooth, q, scale, offset):
-    cols = x.shape[1]
+@numba.njit(inline="always", cache=True, fastmath={"nnan", "ninf", "nsz", "reassoc"})
+def _row_absmax(x, load, m, col_scale):
+    # max is exact in any order: these flags only let LLVM vectorize the reduction
     amax = np.float32(0.0)
-    for k in range(cols):
-        v = abs(load(x, m, k) * inv_smooth[k])
-        if v > amax:
-            amax = v
-    s = amax / _F127
+    for k in range(x.shape[1]):
+        amax = max(amax, abs(load(x, m, k) * col_scale[k]))
+    return amax
+
+
+@numba.njit(inline="always", cache=True)
+def _quantize_row(x, load, m, col_scale, q, scale, offset):
+    s = _row_absmax(x, load, m, col_scale) / _F127
     if s == np.float32(0.0):
         s = _ONE
     scale[m] = s
     inv = _ONE / s
-    for k in range(cols):
-        r = np.rint(load(x, m, k) * inv_smooth[k] * inv)
-        if r > _F127:
-            r = _F127
-        elif r < -_F127:
-            r = -_F127
+    for k in range(x.shape[1]):
+        r = np.rint(load(x, m, k) * col_scale[k] * inv)
+        r = min(max(r, -_F127), _F127)
         q[m, k] = np.int32(r) + offset
 
 
