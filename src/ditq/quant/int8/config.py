@@ -277,12 +277,16 @@ def apply_decisions_(
                 with torch.no_grad():
                     norm.weight.copy_(fold_into_norm(norm.weight, d.s))
     kept: dict[str, str] = {}
+
+    def reason(name: str, d: GroupDecision | None) -> str:
+        return "filter_fn" if name in skipped else "protected" if name in protected else d.reason
+
     for name, m in mods.items():
         d = col.get(name)
         keep = name in protected or (d is not None and d.mode == "bf16")
         touched = name in rows or (d is not None and d.mode in ("folded", "explicit"))
         if not touched and (name in skipped or (keep and isinstance(m, nn.Linear))):
-            kept[name] = "protected" if name in protected else d.reason
+            kept[name] = reason(name, d)
             continue
         w = float_weight(m)
         b = None if m.bias is None else m.bias.detach().float()
@@ -294,7 +298,7 @@ def apply_decisions_(
             if d is not None and d.mode == "folded":
                 w = w * d.s[None, :].to(device)
             _set_module(model, name, _float_linear(w, b, dtype, device))
-            kept[name] = "protected" if name in protected else d.reason
+            kept[name] = reason(name, d)
         elif d is not None and d.mode == "explicit":
             _set_module(model, name, Int8Linear.from_float(w, b, d.s, kernel).to(device))
         else:
