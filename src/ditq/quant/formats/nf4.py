@@ -10,6 +10,8 @@ the fused qkv projection is split.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterable
 
 import torch
 
@@ -17,6 +19,7 @@ from ditq.errors import CheckpointError
 from ditq.quant.formats.base import LinearFormat, register_format
 
 STATE_SUFFIXES = ("weight.quant_state.bitsandbytes__nf4", "weight.quant_state.bitsandbytes__fp4")
+CHUNK_VALUES = 1 << 24  # values quantized per bitsandbytes call
 NESTED = ("weight.nested_absmax", "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nested")
 
 
@@ -38,14 +41,39 @@ def quantize_nf4(
     weight: torch.Tensor, blocksize: int = 64, dtype: str = "bfloat16"
 ) -> dict[str, torch.Tensor]:
     """float [N, K] -> the serialized tensors (suffix -> tensor) of an NF4 Linear weight."""
+    flat = weight.reshape(-1)
+    step = max(blocksize, CHUNK_VALUES // blocksize * blocksize)
+    pieces = (flat[i : i + step] for i in range(0, flat.numel(), step))
+    return quantize_nf4_pieces(pieces, tuple(weight.shape), blocksize, dtype)
+
+
+def quantize_nf4_pieces(
+    pieces: Iterable[torch.Tensor], shape: tuple[int, ...], blocksize: int = 64, dtype: str = "bfloat16"
+) -> dict[str, torch.Tensor]:
+    """`quantize_nf4` of a weight of `shape` handed over as consecutive pieces of its row-major values (e.g. blocks
+    of rows). Blocks are independent, so the bytes are those of one call over the whole weight, while bitsandbytes'
+    float32 temporaries (~20 bytes per value) only ever cover one piece. Every piece but the last must hold whole
+    blocks."""
     from bitsandbytes.functional import quantize_4bit
 
-    packed, qs = quantize_4bit(weight.to(torch.bfloat16).contiguous(), blocksize=blocksize, quant_type="nf4")
-    state = {"quant_type": "nf4", "blocksize": blocksize, "dtype": dtype, "shape": list(weight.shape)}
+    packed, absmax, code, done = [], [], None, 0
+    for piece in pieces:
+        if done % blocksize:
+            raise ValueError(f"NF4 piece after {done} values: only the last piece may end inside a block")
+        p, qs = quantize_4bit(piece.reshape(-1).to(torch.bfloat16), blocksize=blocksize, quant_type="nf4")
+        packed.append(p)
+        absmax.append(qs.absmax.float())
+        code = qs.code
+        done += piece.numel()
+    if done != math.prod(shape) or code is None:
+        raise ValueError(
+            f"NF4 pieces hold {done} values, expected {math.prod(shape)} for shape {list(shape)}"
+        )
+    state = {"quant_type": "nf4", "blocksize": blocksize, "dtype": dtype, "shape": list(shape)}
     return {
-        "weight": packed,
-        "weight.absmax": qs.absmax.float(),
-        "weight.quant_map": qs.code.float(),
+        "weight": packed[0] if len(packed) == 1 else torch.cat(packed),
+        "weight.absmax": absmax[0] if len(absmax) == 1 else torch.cat(absmax),
+        "weight.quant_map": code.float(),
         "weight.quant_state.bitsandbytes__nf4": encode_state(state),
     }
 

@@ -9,17 +9,20 @@ fused qkv projection (it holds v) and the feed-forward down projection (w2) one 
 Q4_K_M. Names are the official fused names with no prefix (stable-diffusion.cpp detects Ideogram 4 by
 `embed_image_indicator.weight`; ComfyUI-GGUF reads `general.architecture` = `ideogram`).
 
-The source is read tensor by tensor from the memory-mapped checkpoint and each tensor is encoded and appended
-before the next is read, so peak memory is about one float32 tensor plus its encoding.
+The source is read a block of rows at a time with plain file reads (no memory map, whose pages would stay
+resident) and each tensor is encoded and appended before the next is read, so peak memory is one tensor's encoding
+plus one 64 MiB float32 block.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,6 +57,7 @@ GGUF_RECIPES = {
     "q3_k_m": (Q.Q3_K, True, LlamaFileType.MOSTLY_Q3_K_M),
     "q2_k": (Q.Q2_K, False, LlamaFileType.MOSTLY_Q2_K),
 }
+CHUNK_VALUES = 1 << 24  # float32 values decoded and encoded at a time (64 MiB)
 BLOCK = {Q.Q8_0: 32, Q.Q2_K: 256, Q.Q3_K: 256, Q.Q4_K: 256, Q.Q5_K: 256, Q.Q6_K: 256}
 
 
@@ -140,21 +144,95 @@ def plan_tensors(source: TensorSource, recipe: GGUFRecipe) -> list[TensorPlan]:
     return list(plans.values())
 
 
-def read_float(source: TensorSource, key: str) -> np.ndarray:
-    """A tensor as float32, dequantizing FP8 with its per-row scale."""
-    t = source.get(key)
-    if t.dtype == torch.float8_e4m3fn:
+def _read_bytes(file, offset: int, length: int, where: str) -> np.ndarray:
+    """`length` bytes at `offset` with a plain read: pages of a memory map would stay in the resident set until it
+    is unmapped, so reading a 9 GB checkpoint through one would grow the process by 9 GB."""
+    buf = np.empty(length, dtype=np.uint8)
+    view = memoryview(buf)
+    done = 0
+    while done < length:
+        n = os.preadv(file.fileno(), [view[done:]], offset + done)
+        if n <= 0:
+            raise CheckpointError(f"{where}: file ended {length - done} bytes early")
+        done += n
+    return buf
+
+
+def float_rows(source: TensorSource, key: str, max_values: int = CHUNK_VALUES) -> Iterator[np.ndarray]:
+    """float32 blocks of whole rows (rows, row_len) of one stored tensor, in order, FP8 dequantized with its per-row
+    scale; row_len is the last dimension (a 1-D tensor is one row). Peak memory is one block, whatever the tensor.
+    Raises CheckpointError naming the tensor on NaN or Inf."""
+    info = source.info(key)
+    shape = info.shape or (1,)
+    row_len = shape[-1]
+    rows = math.prod(shape[:-1])
+    scale = None
+    if info.dtype == torch.float8_e4m3fn:
         module = key[: -len(".weight")]
         for s in ("weight_scale", "scale_weight"):
             if f"{module}.{s}" in source:
                 scale = source.get(f"{module}.{s}").float().reshape(-1)
-                t = t.float() * scale[:, None]
                 break
         else:
             raise CheckpointError(f"{source.path}: {key} is float8 without a weight_scale")
-    if not t.is_floating_point():
-        raise CheckpointError(f"{source.path}: {key} is {t.dtype}; expected a float or FP8 tensor")
-    return t.float().numpy()
+        if len(shape) != 2 or scale.numel() != rows:
+            raise CheckpointError(
+                f"{source.path}: {key} {list(shape)} has {scale.numel()} row scales, expected {rows}"
+            )
+    elif not info.dtype.is_floating_point:
+        raise CheckpointError(f"{source.path}: {key} is {info.dtype}; expected a float or FP8 tensor")
+    size = torch.empty((), dtype=info.dtype).element_size()
+    step = max(1, max_values // max(row_len, 1))
+    with open(info.file, "rb") as f:
+        for r in range(0, rows, step):
+            n = min(step, rows - r)
+            raw = _read_bytes(f, info.begin + r * row_len * size, n * row_len * size, f"{info.file}: {key}")
+            x = torch.from_numpy(raw).view(info.dtype).reshape(n, row_len).float()
+            if scale is not None:
+                x.mul_(scale[r : r + n, None])
+            finite = torch.isfinite(x)
+            if not bool(finite.all()):
+                row, col = (~finite).nonzero()[0].tolist()
+                raise CheckpointError(
+                    f"{source.path}: {key} holds a non-finite value (NaN or Inf) at row {r + row}, column {col}; "
+                    "refusing to quantize it"
+                )
+            del finite
+            yield x.numpy()
+
+
+def read_float(source: TensorSource, key: str) -> np.ndarray:
+    """A whole tensor as float32 in its stored shape (see `float_rows`)."""
+    parts = list(float_rows(source, key))
+    shape = source.info(key).shape or (1,)
+    return (parts[0] if len(parts) == 1 else np.concatenate(parts)).reshape(shape)
+
+
+def encode_rows(
+    source: TensorSource,
+    keys: list[str],
+    shape: tuple[int, ...],
+    qtype: Q,
+    imatrix: np.ndarray | None = None,
+    threads: int | None = None,
+) -> np.ndarray:
+    """The tensors `keys` stacked along dim 0 (logical `shape`) encoded as `qtype`: uint8 (rows, row_bytes),
+    encoded a block of rows at a time so that only the output and one float32 block are in memory."""
+    from ditq.gguf import quantize, row_bytes
+
+    if len(shape) <= 1:  # one row; parts of a split 1-D tensor join along it
+        x = np.concatenate([read_float(source, k).reshape(-1) for k in keys]).reshape(1, -1)
+        return quantize(x, qtype, imatrix, threads=threads)
+    rows = math.prod(shape[:-1])
+    out = np.empty((rows, row_bytes(qtype, shape[-1])), dtype=np.uint8)
+    r = 0
+    for key in keys:
+        for x in float_rows(source, key):
+            out[r : r + len(x)] = quantize(x, qtype, imatrix, threads=threads)
+            r += len(x)
+    if r != rows:
+        raise CheckpointError(f"{source.path}: {keys} hold {r} rows, expected {rows} for shape {list(shape)}")
+    return out
 
 
 def write_transformer_gguf(
@@ -167,7 +245,7 @@ def write_transformer_gguf(
     """Convert one transformer component folder to `dst` (a .gguf path); returns a summary."""
     from tqdm import tqdm
 
-    from ditq.gguf import GGUFStreamWriter, TensorSpec, quantize
+    from ditq.gguf import GGUFStreamWriter, TensorSpec
 
     source = TensorSource(src)
     plans = plan_tensors(source, recipe)
@@ -185,24 +263,17 @@ def write_transformer_gguf(
         "ditq.version": __version__,
         "ditq.recipe": json.dumps({**asdict(recipe), "format": "gguf", "tensor_types": counts}),
     }
-    specs = [TensorSpec(p.name, p.shape, p.qtype) for p in plans]
+    specs = [TensorSpec(p.name, p.shape or (1,), p.qtype) for p in plans]
     start = time.perf_counter()
     in_bytes = 0
     with GGUFStreamWriter(dst, specs, metadata) as writer:
         for p in tqdm(plans, desc=f"{src.name} -> {recipe.name}", unit="tensor", disable=not progress):
-            parts = [read_float(source, s) for s in p.sources]
-            x = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-            if len(p.shape) == 0:
-                x = x.reshape(1)
-            in_bytes += x.size * 4
             imat = None
             if imatrix is not None and recipe.use_imatrix and p.qtype not in (Q.F32, Q.BF16, Q.F16, Q.Q8_0):
                 imat = imatrix(p.name.rsplit(".", 1)[0])
-            if p.qtype in (Q.F32, Q.BF16):
-                writer.write_tensor(p.name, x.reshape(p.shape))
-            else:
-                writer.write_raw(p.name, quantize(x, p.qtype, imat, threads=recipe.threads))
-            del x, parts
+            shape = p.shape or (1,)
+            writer.write_raw(p.name, encode_rows(source, p.sources, shape, p.qtype, imat, recipe.threads))
+            in_bytes += 4 * math.prod(shape)
     return {
         "file": str(dst),
         "bytes": dst.stat().st_size,

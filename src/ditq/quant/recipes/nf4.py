@@ -19,8 +19,8 @@ from ditq import __version__
 from ditq.errors import ConfigError
 from ditq.interop.keys import detect_layout, fused_module_name, strip_prefix
 from ditq.io.safetensors_io import StreamingSafetensorsWriter, TensorSource
-from ditq.quant.formats.nf4 import encode_state, quantize_nf4
-from ditq.quant.recipes.gguf import read_float
+from ditq.quant.formats.nf4 import encode_state, quantize_nf4_pieces
+from ditq.quant.recipes.gguf import float_rows, read_float
 
 BLOCKSIZE = 64
 NOT_LINEAR = ("embed_image_indicator.weight",)
@@ -53,10 +53,12 @@ def write_transformer_nf4(src: Path, dst: Path, progress: bool = True) -> dict:
     plans = _plan(source)
     specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     kinds: dict[str, str] = {}
+    logical: dict[str, tuple[int, ...]] = {}
     for name, keys in plans.items():
         shapes = [source.info(k).shape for k in keys]
         shape = (sum(s[0] for s in shapes), *shapes[0][1:]) if len(shapes) > 1 else tuple(shapes[0])
         module = name[: -len(".weight")]
+        logical[name] = shape
         if (
             name.endswith(".weight")
             and len(shape) == 2
@@ -81,12 +83,13 @@ def write_transformer_nf4(src: Path, dst: Path, progress: bool = True) -> dict:
     start = time.perf_counter()
     with StreamingSafetensorsWriter(dst, specs, meta) as writer:
         for name, keys in tqdm(plans.items(), desc=f"{src.name} -> nf4", unit="tensor", disable=not progress):
-            parts = [read_float(source, k) for k in keys]
-            x = torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0))
-            if kinds[name] == "nf4":
+            if kinds[name] == "nf4":  # streamed a block of rows at a time: rows are whole NF4 blocks
                 module = name[: -len(".weight")]
-                for suffix, t in quantize_nf4(x, BLOCKSIZE).items():
+                pieces = (torch.from_numpy(x) for k in keys for x in float_rows(source, k))
+                for suffix, t in quantize_nf4_pieces(pieces, logical[name], BLOCKSIZE).items():
                     writer.write(f"{module}.{suffix}", t)
             else:
+                parts = [read_float(source, k) for k in keys]
+                x = torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0))
                 writer.write(name, x.to(torch.bfloat16))
     return {"file": str(dst), "bytes": dst.stat().st_size, "seconds": time.perf_counter() - start}
