@@ -142,12 +142,36 @@ RECIPES.add(
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     def copy(s, d):
+        if os.path.lexists(d):
+            if os.path.samefile(s, d):
+                return  # linked by an earlier, interrupted run being resumed
+            os.unlink(d)
         try:
             os.link(s, d)
         except OSError:
             shutil.copy2(s, d)
 
     shutil.copytree(src, dst, copy_function=copy, dirs_exist_ok=True)
+
+
+def refuse_quantized(component: Path) -> None:
+    """ConfigError when a transformer folder already holds quantized weights (a GGUF file, integer or packed
+    4-bit tensors), whatever its pipeline's ditq.json says; checked before anything is written."""
+    import torch
+
+    from ditq.io.safetensors_io import TensorSource
+
+    if any(component.glob("*.gguf")):
+        raise ConfigError(
+            f"{component} holds a GGUF file: already quantized; quantize from the FP8 or bf16 reference"
+        )
+    source = TensorSource(component)
+    for key in source.keys():
+        dtype = source.info(key).dtype
+        if dtype in (torch.int8, torch.uint8):
+            raise ConfigError(
+                f"{component}: {key} is {dtype}: already quantized; quantize from the FP8 or bf16 reference"
+            )
 
 
 def quantize_pipeline(
@@ -169,6 +193,8 @@ def quantize_pipeline(
         raise ConfigError(
             f"{src} is already quantized ({src_recipe.get('format')}); quantize from the FP8 or bf16 reference"
         )
+    for comp in TRANSFORMERS:
+        refuse_quantized(src / comp)
     out = Path(out)
     record = {
         "format": spec.format,
