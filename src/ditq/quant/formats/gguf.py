@@ -28,13 +28,17 @@ _FLOAT_TYPES = {
 
 
 def dequantize_rows(raw: torch.Tensor, qtype: GGMLQuantizationType, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 [rows, row_bytes] -> [rows, row_len] in `dtype`, on the tensor's device."""
+    """uint8 [rows, row_bytes] -> [rows, row_len] in `dtype`, on the tensor's device.
+
+    Decoded in float32, as ggml does: diffusers' decoders otherwise keep the dtype of the stored float16 block
+    scales and do the arithmetic in float16, which lands up to ~1e-3 of a block's range away from ggml's values.
+    """
     from diffusers.quantizers.gguf.utils import dequantize_functions
 
     block, type_size = GGML_QUANT_SIZES[qtype]
     rows = raw.shape[0]
     blocks = raw.reshape(-1, type_size)
-    out = dequantize_functions[qtype](blocks, block, type_size, dtype=None)
+    out = dequantize_functions[qtype](blocks, block, type_size, dtype=torch.float32)
     return out.reshape(rows, -1).to(dtype)
 
 
