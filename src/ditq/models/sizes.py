@@ -5,11 +5,13 @@ Predictions per format (per component):
 - fp8: every Linear weight 1 byte + fp32 scale per output row; everything else bf16 (the official layout).
 - int8: Linear weights of the transformer blocks and the text projection 1 byte + fp32 scale per row; the rest bf16
   (ditq's W8A8 recipe target set before protection).
-- q4_k (and the other GGUF types): the tensors stable-diffusion.cpp's Ideogram 4 rule quantizes (block adaLN
-  modulation, attention qkv/o, feed-forward) at the type's bits per weight when the row length is a multiple of
-  256; 1-D and small tensors F32; other weights bf16.
-- nf4: every Linear weight 4 bits + one fp32 absmax per 64 elements (bitsandbytes, no double quantization);
-  the rest bf16.
+- q4_k (and the other GGUF types): 1-D and small (<= 1024 elements) tensors F32; the tensors stable-diffusion.cpp's
+  Ideogram 4 rule quantizes (block adaLN modulation, attention qkv/o, feed-forward) at the type's bits per weight
+  when the row length is a multiple of its block (256 for k-quants), else Q8_0 when it is a multiple of 32, else
+  bf16 (the recipe's fallbacks); other weights bf16.
+- nf4: every Linear weight whose row length is a multiple of 64: 4 bits + one fp32 absmax per 64 elements
+  (bitsandbytes, no double quantization); other Linear weights (the recipe's fallback) and the rest bf16. The
+  64-byte code book and the JSON state stored with each NF4 layer count as file overhead, like the header.
 The text encoder is predicted in FP8 for every format but bf16 (ditq quantizes the transformers and reuses the
 reference text encoder); the VAE is bf16 in every format.
 """
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 FORMATS = ("bf16", "fp8", "int8", "q8_0", "q6_k", "q5_k", "q4_k", "nf4")
+NF4_BLOCK = 64
 GGUF_BYTES_PER_BLOCK = {"q8_0": (34, 32), "q6_k": (210, 256), "q5_k": (176, 256), "q4_k": (144, 256)}
 GGUF_QUANTIZED = re.compile(
     r"^layers\.\d+\.(adaln_modulation|attention\.(qkv|o|to_[qkv]|to_out\.0)|feed_forward\.w[123])\.weight$"
@@ -73,14 +76,21 @@ def tensor_bytes(t: TensorShape, fmt: str, component: str) -> int:
             return n + 4 * rows
         return 2 * n
     if fmt == "nf4":
-        return n // 2 + 4 * -(-n // 64) if t.is_linear_weight else 2 * n
+        # the recipe keeps a weight in bf16 when its rows are not whole 64-value blocks
+        if t.is_linear_weight and t.shape[-1] % NF4_BLOCK == 0:
+            return n // 2 + 4 * -(-n // NF4_BLOCK)
+        return 2 * n
     if fmt in GGUF_BYTES_PER_BLOCK:
-        block_bytes, block = GGUF_BYTES_PER_BLOCK[fmt]
         if transformer:
-            if GGUF_QUANTIZED.match(t.name) and len(t.shape) == 2 and t.shape[-1] % block == 0:
-                return n // block * block_bytes
+            # the recipe's order: 1-D and small tensors F32, then sd.cpp's rule at the type (Q8_0 when the row
+            # length is not a multiple of the type's block, bf16 when not even of 32), everything else bf16
             if len(t.shape) <= 1 or n <= 1024:
                 return 4 * n
+            if GGUF_QUANTIZED.match(t.name) and len(t.shape) == 2:
+                for qtype in (fmt, "q8_0"):
+                    block_bytes, block = GGUF_BYTES_PER_BLOCK[qtype]
+                    if t.shape[-1] % block == 0:
+                        return n // block * block_bytes
             return 2 * n
     raise ValueError(f"unknown format {fmt!r}")
 
