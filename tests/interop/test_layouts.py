@@ -62,7 +62,8 @@ def test_unknown_layout_names_every_layout_tried_and_what_it_lacked(files):
     msg = str(err.value)
     for name in LAYOUTS:
         assert name in msg
-    assert "F8_E4M3 Linear weights" in msg and "bitsandbytes" in msg and "a GGUF file" in msg
+    assert "official-fp8: no F8_E4M3 Linear weights" in msg and "sdcpp-gguf: not a GGUF file" in msg
+    assert "official-nf4: no bitsandbytes" in msg and "comfyui-int8: no I8" in msg
 
 
 def test_wrong_from_says_what_is_missing(files):

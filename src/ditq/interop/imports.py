@@ -72,7 +72,7 @@ def inspect_source(src: str | os.PathLike, layout: str = "auto") -> tuple[Checkp
     spec = LAYOUTS[layout]
     missing = spec.missing(ckpt)
     if missing:
-        raise CheckpointError(f"{ckpt.path}: not in the {layout} layout: no {'; no '.join(missing)}")
+        raise CheckpointError(f"{ckpt.path}: not in the {layout} layout: {'; '.join(missing)}")
     return ckpt, spec
 
 

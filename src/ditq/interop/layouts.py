@@ -181,61 +181,61 @@ def _weights(ckpt: Checkpoint, dtype: str) -> list[str]:
 
 def _missing_official_fp8(ckpt: Checkpoint) -> list[str]:
     if ckpt.container != "safetensors":
-        return ["a safetensors file (this is GGUF)"]
+        return ["not a safetensors file (it is GGUF)"]
     bare = ckpt.bare()
     fp8 = _weights(ckpt, "F8_E4M3")
     if not fp8:
-        return ["F8_E4M3 Linear weights"]
+        return ["no F8_E4M3 Linear weights"]
     out = []
     if SCALED_FP8_MARKER in bare or any(n.endswith("." + COMFY_MARKER) for n in bare):
-        out.append("no ComfyUI markers (found scaled_fp8 / comfy_quant: that is the comfyui-fp8 layout)")
+        out.append("ComfyUI markers (scaled_fp8 / comfy_quant) present: that is comfyui-fp8")
     for w in fp8:
         module = w[: -len(".weight")]
         scale = next((bare[f"{module}.{s}"] for s in SCALE_SUFFIXES if f"{module}.{s}" in bare), None)
         if scale is not None and scale.numel == 1 and bare[w].shape[0] != 1:
-            out.append(f"one scale per row ({module} has a single per-tensor scale: comfyui-fp8)")
+            out.append(f"per-tensor scales ({module} has one): that is comfyui-fp8")
             break
     return out
 
 
 def _missing_comfy_fp8(ckpt: Checkpoint) -> list[str]:
     if ckpt.container != "safetensors":
-        return ["a safetensors file (this is GGUF)"]
+        return ["not a safetensors file (it is GGUF)"]
     bare = ckpt.bare()
     if not _weights(ckpt, "F8_E4M3"):
-        return ["F8_E4M3 Linear weights"]
+        return ["no F8_E4M3 Linear weights"]
     has_marker = SCALED_FP8_MARKER in bare
     fp8_layers = [n for n, c in ckpt.quant_layers().items() if c.get("format") == "float8_e4m3fn"]
     has_comfy = fp8_layers or any(n.endswith("." + COMFY_MARKER) for n in bare)
     if not (has_marker or has_comfy):
-        return ["a `scaled_fp8` marker tensor or comfy_quant `float8_e4m3fn` layer markers"]
+        return ["no `scaled_fp8` marker tensor and no comfy_quant `float8_e4m3fn` layer markers"]
     return []
 
 
 def _missing_comfy_int8(ckpt: Checkpoint) -> list[str]:
     if ckpt.container != "safetensors":
-        return ["a safetensors file (this is GGUF)"]
+        return ["not a safetensors file (it is GGUF)"]
     bare = ckpt.bare()
     if not _weights(ckpt, "I8"):
-        return ["I8 (int8) Linear weights"]
+        return ["no I8 (int8) Linear weights"]
     layers = set(ckpt.quant_layers())
     markers = {n[: -len(COMFY_MARKER) - 1] for n in bare if n.endswith("." + COMFY_MARKER)}
     if not (layers | markers):
-        return ["comfy_quant markers or a _quantization_metadata entry for the int8 layers"]
+        return ["no comfy_quant markers and no _quantization_metadata entry for the int8 layers"]
     return []
 
 
 def _missing_nf4(ckpt: Checkpoint) -> list[str]:
     if ckpt.container != "safetensors":
-        return ["a safetensors file (this is GGUF)"]
+        return ["not a safetensors file (it is GGUF)"]
     if not any(n.endswith(NF4_STATE) for n in ckpt.bare()):
-        return ["bitsandbytes `weight.quant_state.bitsandbytes__nf4` tensors"]
+        return ["no bitsandbytes `weight.quant_state.bitsandbytes__nf4` tensors"]
     return []
 
 
 def _missing_gguf(ckpt: Checkpoint) -> list[str]:
     if ckpt.container != "gguf":
-        return ["a GGUF file"]
+        return ["not a GGUF file"]
     bare = ckpt.bare()
     arch = ckpt.metadata.get("general.architecture")
     if (
@@ -245,7 +245,7 @@ def _missing_gguf(ckpt: Checkpoint) -> list[str]:
     ):
         return []
     return [
-        f"the tensor {SDCPP_SIGNATURE} (stable-diffusion.cpp) or {', '.join(COMFYUI_GGUF_SIGNATURE)} (ComfyUI-GGUF)"
+        f"no tensor {SDCPP_SIGNATURE} (stable-diffusion.cpp) and not all of {', '.join(COMFYUI_GGUF_SIGNATURE)} (ComfyUI-GGUF)"
     ]
 
 
@@ -278,7 +278,7 @@ def detect(ckpt: Checkpoint) -> Layout:
         missing = layout.missing(ckpt)
         if not missing:
             return layout
-        tried.append(f"{layout.name}: no {'; no '.join(missing)}")
+        tried.append(f"{layout.name}: {'; '.join(missing)}")
     raise CheckpointError(
         f"{ckpt.path}: not an Ideogram 4 transformer in any layout ditq reads. Tried " + " | ".join(tried)
     )
