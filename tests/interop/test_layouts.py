@@ -153,3 +153,23 @@ def test_convrot_group_size_that_is_not_a_power_of_four_is_refused(files, tmp_pa
     shutil.copy2(files["official-fp8"][0].parent / "config.json", comp / "config.json")
     with pytest.raises(CheckpointError, match="not a power of 4"):
         load_transformer(comp)
+
+
+@pytest.mark.parametrize(
+    ("cond", "uncond"),
+    [
+        ("ideogram4-q4_k.gguf", "ideogram4-q4_k_unconditional.gguf"),
+        ("ideogram4-Q8_0.gguf", "ideogram4_uncond-Q8_0.gguf"),
+        ("ideogram4_fp8_scaled.safetensors", "ideogram4_unconditional_fp8_scaled.safetensors"),
+        ("ideogram4_int8.safetensors", None),
+    ],
+)
+def test_unconditional_twin_is_found_by_name(tmp_path, cond, uncond):
+    from ditq.interop.imports import find_unconditional
+
+    (tmp_path / cond).touch()
+    if uncond:
+        (tmp_path / uncond).touch()
+    (tmp_path / "unrelated_unconditional.gguf").touch()
+    found = find_unconditional(tmp_path / cond)
+    assert (found.name if found else None) == uncond

@@ -164,7 +164,6 @@ def test_comfyui_int8_plain_and_convrot(
 def test_convrot_layer_matches_an_independent_w8a8_computation():
     """x -> x R (regular Hadamard per group of 256) -> per-token int8 -> integer GEMM -> both scales: exact."""
     from ditq.interop.convrot import ConvRotInt8Linear
-    from ditq.quant.int8.linear import Int8Linear
 
     g = torch.Generator().manual_seed(5)
     w = torch.randn(48, 512, generator=g, dtype=torch.float64)
@@ -172,7 +171,7 @@ def test_convrot_layer_matches_an_independent_w8a8_computation():
     w_rot = (w.reshape(48, 2, 256) @ h.T).reshape(48, 512)
     s_w = w_rot.abs().amax(dim=1, keepdim=True) / 127
     q = torch.round(w_rot / s_w).clamp(-128, 127).to(torch.int8)
-    layer = ConvRotInt8Linear(Int8Linear(q, s_w.float(), kernel="torch"), 256)
+    layer = ConvRotInt8Linear(q, s_w.float(), None, 256, kernel="torch")
     x = torch.randn(7, 512, generator=g)
     x_rot = (x.double().reshape(7, 2, 256) @ h).reshape(7, 512).float().double()
     s_x = x_rot.abs().amax(dim=1, keepdim=True) / 127

@@ -10,7 +10,7 @@ stable-diffusion.cpp `docs/int8_convrot.md`)::
 
 H_G is symmetric and orthogonal (H_G H_G = I), so the same product undoes it: W = W_rot R. At run time the loaders
 rotate activations instead, `y = (x R) W_rot^T = x W^T`, and quantize the rotated activations per token.
-`ConvRotInt8Linear` does exactly that on top of ditq's `Int8Linear`, so a ConvRot file computes in ditq as it does
+`ConvRotInt8Linear` (an `Int8Linear`) does exactly that, so a ConvRot file computes in ditq as it does
 in ComfyUI and stable-diffusion.cpp.
 """
 
@@ -20,9 +20,9 @@ import math
 from functools import cache
 
 import torch
-from torch import nn
 
 from ditq.errors import CheckpointError
+from ditq.quant.int8.linear import Int8Linear
 
 H4 = ((1, 1, 1, -1), (1, 1, -1, 1), (1, -1, 1, 1), (-1, 1, 1, 1))
 
@@ -75,32 +75,36 @@ def dequantize_convrot(q: torch.Tensor, scale: torch.Tensor, group_size: int) ->
     return rotate(q.float() * s, group_size)
 
 
-class ConvRotInt8Linear(nn.Module):
-    """W8A8 Linear over a ConvRot-rotated int8 weight: rotates each token's input, then runs `Int8Linear`."""
+class ConvRotInt8Linear(Int8Linear):
+    """W8A8 Linear over a ConvRot-rotated int8 weight [N, K]: each token's input is rotated (x R), then quantized.
 
-    def __init__(self, inner: nn.Module, group_size: int) -> None:
-        super().__init__()
+    `weight` / `qweight_t` hold the stored rotated weight; `dequantized_weight()` returns it in the original basis.
+    """
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        group_size: int = 256,
+        kernel: str = "auto",
+    ) -> None:
+        super().__init__(qweight, weight_scale, bias, kernel=kernel)
         if not is_power_of_four(group_size):
-            raise CheckpointError(f"ConvRot group size {group_size} is not a power of 4")
-        if inner.in_features % group_size:
             raise CheckpointError(
-                f"ConvRot group size {group_size} does not divide in_features {inner.in_features}"
+                f"ConvRot group size {group_size} is not a power of 4 (4, 16, 64, 256, ...)"
             )
-        self.inner = inner
+        if self.in_features % group_size:
+            raise CheckpointError(
+                f"ConvRot group size {group_size} does not divide in_features {self.in_features}"
+            )
         self.group_size = group_size
-        self.in_features, self.out_features = inner.in_features, inner.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The stored (rotated) int8 weight [N, K]."""
-        return self.inner.weight
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight [N, K] in the original basis: the stored one rotated back."""
-        return rotate(self.inner.dequantized_weight(torch.float32), self.group_size).to(dtype)
+        return rotate(super().dequantized_weight(torch.float32), self.group_size).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(rotate(x.float(), self.group_size)).to(x.dtype)
+        return super().forward(rotate(x.float(), self.group_size)).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"convrot_groupsize={self.group_size}"
+        return f"{super().extra_repr()}, convrot_groupsize={self.group_size}"

@@ -238,13 +238,27 @@ def _rewrite_comfy_int8(ckpt: Checkpoint, out: Path) -> Imported:
     return Imported(ckpt.path, "comfyui-int8", (out.name,))
 
 
+def unconditional_names(stem: str) -> list[str]:
+    """Stems the unconditional twin of `stem` may have: ditq's `<stem>_unconditional`, `<stem>_uncond`, and the
+    marker after the first word, as in stable-diffusion.cpp's `ideogram4_uncond-Q8_0` for `ideogram4-Q8_0` or
+    `ideogram4_unconditional_fp8_scaled` for `ideogram4_fp8_scaled`."""
+    names = [f"{stem}{suffix}" for suffix in UNCOND_SUFFIXES]
+    for sep in ("-", "_"):
+        if sep in stem:
+            head, tail = stem.split(sep, 1)
+            names += [f"{head}{suffix}{sep}{tail}" for suffix in UNCOND_SUFFIXES]
+    return names
+
+
 def find_unconditional(src: Path) -> Path | None:
-    """The unconditional twin next to `src` (`<stem>_unconditional<ext>` or `<stem>_uncond<ext>`), if any."""
-    for suffix in UNCOND_SUFFIXES:
-        twin = src.with_name(f"{src.stem}{suffix}{src.suffix}")
-        if twin.exists():
-            return twin
-    return None
+    """The unconditional twin next to `src` (see `unconditional_names`), if exactly one exists."""
+    found = [src.with_name(n + src.suffix) for n in unconditional_names(src.stem)]
+    found = [p for p in dict.fromkeys(found) if p.exists() and p != src]
+    if len(found) > 1:
+        raise ConfigError(
+            f"{src}: several unconditional twins ({', '.join(p.name for p in found)}); pass --uncond"
+        )
+    return found[0] if found else None
 
 
 def build_pipeline(

@@ -100,12 +100,11 @@ class Int8TensorwiseFormat(LinearFormat):
         from ditq.quant.int8.linear import Int8Linear
 
         group = _check_marker(tensors)
-        layer = Int8Linear(tensors["weight"], self._row_scale(tensors), tensors.get("bias"), kernel=kernel)
         if group is None:
-            return layer
+            return Int8Linear(tensors["weight"], self._row_scale(tensors), tensors.get("bias"), kernel=kernel)
         from ditq.interop.convrot import ConvRotInt8Linear
 
-        return ConvRotInt8Linear(layer, group)
+        return ConvRotInt8Linear(tensors["weight"], self._row_scale(tensors), tensors.get("bias"), group, kernel)
 
     def dequantize(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         group = _check_marker(tensors)
