@@ -173,3 +173,20 @@ def test_unconditional_twin_is_found_by_name(tmp_path, cond, uncond):
     (tmp_path / "unrelated_unconditional.gguf").touch()
     found = find_unconditional(tmp_path / cond)
     assert (found.name if found else None) == uncond
+
+
+def test_unsupported_comfy_formats_and_dtypes_are_named(tmp_path):
+    marker = torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)
+    w1 = "layers.0.feed_forward.w1"
+    save_file(
+        {
+            f"{w1}.weight": torch.zeros(8, 32, dtype=torch.uint8),
+            f"{w1}.weight_scale": torch.zeros(8, 4, dtype=torch.float8_e4m3fn),
+            f"{w1}.weight_scale_2": torch.tensor(1.0),
+            f"{w1}.comfy_quant": marker,
+            "layers.0.feed_forward.w2.weight": torch.zeros(4, 8, dtype=torch.float8_e5m2),
+        },
+        tmp_path / "nvfp4.safetensors",
+    )
+    with pytest.raises(CheckpointError, match=r"weights: 1 F8_E5M2, 1 U8; comfy_quant formats: nvfp4"):
+        inspect_source(tmp_path / "nvfp4.safetensors")

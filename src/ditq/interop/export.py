@@ -99,8 +99,8 @@ def export(
     if len(set(formats.values())) != 1:
         raise ConfigError(f"{folder}: the transformers are in different formats {formats}; export one format")
     fmt = formats["transformer"]
-    if recipe is not None and fmt == "int8":
-        raise ConfigError(f"{folder} is INT8; --recipe encodes GGUF from an FP8 or bf16 folder")
+    if recipe is not None and fmt in ("int8", "gguf"):
+        raise ConfigError(f"{folder} is already {fmt}; --recipe encodes GGUF from an FP8 or bf16 folder")
     result = Export(target)
     if fmt == "gguf" or recipe is not None:
         if target == "sdcpp" and prefix:

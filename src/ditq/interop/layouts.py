@@ -279,8 +279,25 @@ def detect(ckpt: Checkpoint) -> Layout:
         if not missing:
             return layout
         tried.append(f"{layout.name}: {'; '.join(missing)}")
+    weights: dict[str, int] = {}
+    for name, meta in ckpt.bare().items():
+        if name.endswith(".weight") and len(meta.shape) == 2:
+            weights[meta.dtype] = weights.get(meta.dtype, 0) + 1
+    found = (
+        "weights: " + ", ".join(f"{n} {d}" for d, n in sorted(weights.items()))
+        if weights
+        else "no 2-D weights"
+    )
+    formats = set()
+    if ckpt.container == "safetensors":
+        formats = {str(c.get("format")) for c in comfy_configs(ckpt).values()}
+    if formats:
+        found += (
+            f"; comfy_quant formats: {', '.join(sorted(formats))} (ditq reads int8_tensorwise, float8_e4m3fn)"
+        )
     raise CheckpointError(
-        f"{ckpt.path}: not an Ideogram 4 transformer in any layout ditq reads. Tried " + " | ".join(tried)
+        f"{ckpt.path}: not an Ideogram 4 transformer in any layout ditq reads ({found}). Tried "
+        + " | ".join(tried)
     )
 
 
@@ -304,7 +321,7 @@ def validate(ckpt: Checkpoint) -> None:
                     f"{ckpt.path}: {name} is {meta.dtype} but has no {module}.weight_scale (or scale_weight)"
                 )
         if leaf == "weight" and meta.dtype == "U8" and ckpt.container == "safetensors":
-            if f"{module}{NF4_STATE}" not in bare:
+            if f"{module}{NF4_STATE}" not in bare and f"{module}.{COMFY_MARKER}" not in bare:
                 raise CheckpointError(
                     f"{ckpt.path}: {name} is packed U8 but has no {module}{NF4_STATE} quantization state"
                 )
