@@ -88,39 +88,75 @@ def _shrink_bias(t):
 
 
 def _split_qkv(t):
+    for name in [n for n in t if ".attention.o." in n]:
+        t[name.replace(".attention.o.", ".attention.to_out.0.")] = t.pop(name)
     for name in [n for n in t if n.endswith("attention.qkv.weight")]:
         data, qtype = t.pop(name)
         for part, rows in zip("qkv", np.split(data, 3, axis=0), strict=True):
             t[name.replace("qkv", f"to_{part}")] = (np.ascontiguousarray(rows), qtype)
 
 
-GGUF_CASES = {
-    "no-indicator": (_drop("embed_image_indicator.weight"), "keep", {(SDCPP, "detect"), (SDCPP, "missing")}),
-    "arch-ideogram4": (None, "ideogram4", {(COMFYUI_GGUF, "detect")}),
-    "no-arch-no-keys": (_drop("t_embedding.mlp_in.weight"), None, {(COMFYUI_GGUF, "detect")}),
-    "norm-bf16": (_edit_type("layers.0.ffn_norm1.weight", Q.BF16), "keep", {(COMFYUI_GGUF, "f32")}),
+GGUF_CASES = {  # edit, architecture, expected (loader, rule) pairs, a phrase of the expected message
+    "no-indicator": (
+        _drop("embed_image_indicator.weight"),
+        "keep",
+        {(SDCPP, "detect"), (SDCPP, "missing")},
+        "no tensor 'embed_image_indicator.weight'",
+    ),
+    "arch-ideogram4": (None, "ideogram4", {(COMFYUI_GGUF, "detect")}, "general.architecture is 'ideogram4'"),
+    "no-arch-no-keys": (
+        _drop("t_embedding.mlp_in.weight"),
+        None,
+        {(COMFYUI_GGUF, "detect")},
+        "no general.architecture and no t_embedding.mlp_in.weight",
+    ),
+    "norm-bf16": (
+        _edit_type("layers.0.ffn_norm1.weight", Q.BF16),
+        "keep",
+        {(COMFYUI_GGUF, "f32")},
+        "1-D tensor stored as BF16",
+    ),
     "embedding-mlp-q8": (
         _edit_type("t_embedding.mlp_in.weight", Q.Q8_0),
         "keep",
         {(SDCPP, "quantized-outside-rule")},
+        "Q8_0, but sd.cpp's Ideogram 4 rule keeps it float",
     ),
-    "wrong-shape": (_shrink_bias, "keep", {(SDCPP, "shape"), (COMFYUI_GGUF, "shape")}),
-    "split-names": (_split_qkv, "keep", {(SDCPP, "split-names"), (COMFYUI_GGUF, "split-names")}),
+    "wrong-shape": (
+        _shrink_bias,
+        "keep",
+        {(SDCPP, "shape"), (COMFYUI_GGUF, "shape")},
+        "shape [8], expected [16]",
+    ),
+    "split-names": (
+        _split_qkv,
+        "keep",
+        {(SDCPP, "split-names"), (COMFYUI_GGUF, "split-names")},
+        "diffusers split names",
+    ),
     "partial-prefix": (
         _prefix_all_but("input_proj.bias"),
         "keep",
         {(SDCPP, "prefix"), (COMFYUI_GGUF, "prefix")},
+        "only some tensor names carry",
     ),
-    "prefixed": (_prefix_all_but(None), "keep", {(SDCPP, "prefix"), (SDCPP, "detect")}),
+    "prefixed": (
+        _prefix_all_but(None),
+        "keep",
+        {(SDCPP, "prefix"), (SDCPP, "detect")},
+        "stable-diffusion.cpp reads bare names",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(GGUF_CASES))
 def test_broken_gguf_fails_the_right_rule(case, gguf_export, config, tmp_path):
-    edit, arch, expected = GGUF_CASES[case]
+    edit, arch, expected, phrase = GGUF_CASES[case]
     path = rewrite_gguf(gguf_export.files["transformer"], tmp_path / f"{case}.gguf", edit, arch)
-    found = rules(check_gguf(path, ("sdcpp", "comfyui"), config))
+    violations = check_gguf(path, ("sdcpp", "comfyui"), config)
+    found = rules(violations)
     assert expected <= found, (case, found)
+    assert any(phrase in str(v) for v in violations), [str(v) for v in violations]
     if case == "prefixed":
         assert not {r for r in found if r[0] == COMFYUI_GGUF}, "ComfyUI-GGUF strips a full prefix"
     if case == "embedding-mlp-q8":

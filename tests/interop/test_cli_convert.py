@@ -95,3 +95,26 @@ def test_bad_input_exits_2_with_a_clear_message(float_states, tiny_fp8_dir, tmp_
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
     assert main(["convert", str(plain), "--from", "auto", "-o", str(tmp_path / "y")]) == 2
     assert "--from needs --base" in capsys.readouterr().err
+
+
+def test_quantize_all_export_quantizes_outside_the_rule_and_still_passes(tiny_fp8_dir, tmp_path, capsys):
+    import gguf
+
+    args = [
+        "convert",
+        str(tiny_fp8_dir),
+        "--to",
+        "sdcpp",
+        "--recipe",
+        "q8_0",
+        "--quantize-all",
+        "-o",
+        str(tmp_path),
+    ]
+    assert main(args) == 0
+    assert "loader rules: all hold" in capsys.readouterr().out
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "ideogram4-q8_0.gguf").tensors}
+    assert types["t_embedding.mlp_in.weight"] == "Q8_0" and types["layers.0.attention.qkv.weight"] == "Q8_0"
+    config = str(tiny_fp8_dir / "transformer" / "config.json")
+    assert main(["convert", str(tmp_path / "ideogram4-q8_0.gguf"), "--check", "--config", config]) == 1
+    assert "quantized-outside-rule" in capsys.readouterr().out

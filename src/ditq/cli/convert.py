@@ -54,7 +54,9 @@ def add_parser(subparsers) -> None:
         "--config", type=Path, help="--check / export: transformer config.json the shapes must match"
     )
     p.add_argument(
-        "--quantize-all", action="store_true", help="--check: allow quantized tensors outside sd.cpp's rule"
+        "--quantize-all",
+        action="store_true",
+        help="export --recipe: also quantize 2-D weights outside sd.cpp's rule; --check: allow them",
     )
     p.set_defaults(func=run)
 
@@ -85,6 +87,7 @@ def _export(args) -> int:
         prefix=args.prefix,
         recipe=args.recipe,
         config=args.config,
+        quantize_all=args.quantize_all,
     )
     for comp, path in result.files.items():
         print(f"{comp}: {path}")

@@ -79,13 +79,15 @@ def export(
     recipe: str | None = None,
     config: dict | str | Path | None = None,
     check: bool = True,
+    quantize_all: bool = False,
 ) -> Export:
     """Export both transformers of pipeline folder `model` for `target` ("sdcpp" or "comfyui") into `out_dir`.
 
     GGUF folders are re-packed; with `recipe` (q8_0, q4_k, ...) FP8 / bf16 folders are encoded straight into the
     output files. INT8 folders become ComfyUI comfy_quant files. `prefix` defaults to none for GGUF and for
     stable-diffusion.cpp, and to `model.diffusion_model.` for ComfyUI INT8; `config` is passed to the checker
-    (default: each component's own config.json).
+    (default: each component's own config.json). `quantize_all` encodes (with `recipe`) and accepts quantized
+    tensors outside stable-diffusion.cpp's Ideogram 4 rule; a copied GGUF made that way says so in its recipe.
     """
     from ditq.models.loading import check_folder, resolve_source
 
@@ -107,17 +109,19 @@ def export(
             raise ConfigError(
                 "stable-diffusion.cpp reads bare names; --prefix applies to ComfyUI targets only"
             )
-        base = name or f"ideogram4-{recipe or _gguf_recipe_name(folder / 'transformer')}"
+        made = _gguf_recipe(folder / "transformer") if recipe is None else {}
+        base = name or f"ideogram4-{recipe or made.get('name', 'gguf')}"
+        quantize_all = quantize_all or bool(made.get("quantize_all"))
         for comp in TRANSFORMERS:
             dst = out_dir / f"{base}{SUFFIX[comp]}.gguf"
             if recipe is None:
                 copy_gguf(next((folder / comp).glob("*.gguf")), dst, prefix or "")
             else:
-                encode_gguf(folder / comp, dst, recipe, prefix or "")
+                encode_gguf(folder / comp, dst, recipe, prefix or "", quantize_all)
             result.files[comp] = dst
             if check:
                 loaders = ("sdcpp", "comfyui") if not prefix else ("comfyui",)
-                result.violations += check_gguf(dst, loaders, config or folder / comp)
+                result.violations += check_gguf(dst, loaders, config or folder / comp, quantize_all)
     elif fmt == "int8":
         if prefix is None:
             prefix = COMFY_PREFIX if target == "comfyui" else ""
@@ -137,15 +141,17 @@ def export(
     return result
 
 
-def _gguf_recipe_name(component: Path) -> str:
+def _gguf_recipe(component: Path) -> dict:
+    """The `ditq.recipe` metadata of a component's GGUF file ({} when absent)."""
     from ditq.gguf import GGUFFile
 
     with GGUFFile(next(component.glob("*.gguf"))) as f:
         raw = f.metadata.get("ditq.recipe")
     try:
-        return json.loads(raw)["name"] if raw else "gguf"
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return "gguf"
+        recipe = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return {}
+    return recipe if isinstance(recipe, dict) else {}
 
 
 def _metadata_value(value, vtype: GGUFValueType):
@@ -171,12 +177,16 @@ def copy_gguf(src: Path, dst: Path, prefix: str = "") -> Path:
     return dst
 
 
-def encode_gguf(component: Path, dst: Path, recipe: str, prefix: str = "") -> Path:
+def encode_gguf(
+    component: Path, dst: Path, recipe: str, prefix: str = "", quantize_all: bool = False
+) -> Path:
     """Encode an FP8 / bf16 component folder straight into one GGUF file (the ditq GGUF recipe rules)."""
     from ditq.quant.recipes.gguf import GGUFRecipe, write_transformer_gguf
 
     target = dst if not prefix else dst.with_name(dst.name + ".bare")
-    write_transformer_gguf(component, target, GGUFRecipe(name=recipe), progress=False)
+    write_transformer_gguf(
+        component, target, GGUFRecipe(name=recipe, quantize_all=quantize_all), progress=False
+    )
     if prefix:
         copy_gguf(target, dst, prefix)
         target.unlink()
