@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,29 +127,36 @@ def _check_gguf_types(ckpt: Checkpoint) -> None:
             )
 
 
-def _rewrite(
-    ckpt: Checkpoint, out: Path, plan: dict[str, tuple[str, object]], metadata: dict[str, str]
-) -> None:
-    """Write `out` with tensors {new name: (stored name, transform)}; transform(tensor) -> tensor or a tensor."""
-    from ditq.io.safetensors_io import DTYPES, StreamingSafetensorsWriter, TensorSource
+@dataclass(frozen=True)
+class _Out:
+    """One output tensor of a rewrite: read `source` (a stored name; None for a constant) and apply `make`."""
+
+    source: str | None
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    make: Callable[[torch.Tensor | None], torch.Tensor]
+
+
+def _copied(ckpt: Checkpoint, stored: str) -> _Out:
+    from ditq.io.safetensors_io import DTYPES
+
+    meta = ckpt.tensors[stored]
+    return _Out(stored, DTYPES[meta.dtype], meta.shape, lambda t: t)
+
+
+def _constant(tensor: torch.Tensor) -> _Out:
+    return _Out(None, tensor.dtype, tuple(tensor.shape), lambda _: tensor)
+
+
+def _rewrite(ckpt: Checkpoint, out: Path, plan: dict[str, _Out], metadata: dict[str, str]) -> None:
+    """Stream `plan` ({output name: _Out}) into safetensors file `out`, one tensor at a time."""
+    from ditq.io.safetensors_io import StreamingSafetensorsWriter, TensorSource
 
     source = TensorSource(ckpt.path)
-    specs = {}
-    for new, (old, transform) in plan.items():
-        if isinstance(transform, torch.Tensor):
-            specs[new] = (transform.dtype, tuple(transform.shape))
-        else:
-            meta = ckpt.tensors[old]
-            dtype, shape = transform(None, meta) if callable(transform) else (DTYPES[meta.dtype], meta.shape)
-            specs[new] = (dtype, tuple(shape))
+    specs = {name: (o.dtype, tuple(o.shape)) for name, o in plan.items()}
     with StreamingSafetensorsWriter(out, specs, metadata) as writer:
-        for new, (old, transform) in plan.items():
-            if isinstance(transform, torch.Tensor):
-                writer.write(new, transform)
-            elif callable(transform):
-                writer.write(new, transform(source.get(old), ckpt.tensors[old]))
-            else:
-                writer.write(new, source.get(old))
+        for name, o in plan.items():
+            writer.write(name, o.make(None if o.source is None else source.get(o.source)))
 
 
 def _rewrite_comfy_fp8(ckpt: Checkpoint, out: Path) -> Imported:
@@ -161,33 +169,28 @@ def _rewrite_comfy_fp8(ckpt: Checkpoint, out: Path) -> Imported:
                 f"{ckpt.path}: layer {module} is marked {conf.get('format')!r}; the comfyui-fp8 layout holds "
                 "float8_e4m3fn layers only"
             )
-    plan: dict[str, tuple[str, object]] = {}
+    plan: dict[str, _Out] = {}
     dropped = []
     for name, meta in bare.items():
         module, _, leaf = name.rpartition(".")
         if name == SCALED_FP8_MARKER or leaf == COMFY_MARKER or leaf in ACTIVATION_SCALES:
             dropped.append(prefix + name)
             continue
-        if leaf in SCALE_SUFFIXES:
-            weight = bare[f"{module}.weight"]
-            rows = weight.shape[0]
-            if meta.numel not in (1, rows):
-                raise CheckpointError(
-                    f"{ckpt.path}: {prefix + name} has shape {list(meta.shape)}; expected a scalar or {rows} values"
-                )
-
-            def expand(t, m, rows=rows):
-                if t is None:
-                    return torch.float32, (rows,)
-                return (
-                    t.float().reshape(-1).expand(rows).contiguous()
-                    if t.numel() == 1
-                    else t.float().reshape(rows)
-                )
-
-            plan[f"{module}.weight_scale"] = (prefix + name, expand)
-        else:
-            plan[name] = (prefix + name, None)
+        if leaf not in SCALE_SUFFIXES:
+            plan[name] = _copied(ckpt, prefix + name)
+            continue
+        rows = bare[f"{module}.weight"].shape[0]
+        if meta.numel not in (1, rows):
+            raise CheckpointError(
+                f"{ckpt.path}: {prefix + name} has shape {list(meta.shape)}; expected a scalar or {rows} values"
+            )
+        # one scale per row: a per-tensor scale repeated, a [N, 1] one flattened
+        plan[f"{module}.weight_scale"] = _Out(
+            prefix + name,
+            torch.float32,
+            (rows,),
+            lambda t, rows=rows: t.float().reshape(-1).expand(rows).clone(),
+        )
     if dropped:
         log.info("%s: dropped %d ComfyUI marker / activation-scale tensors", ckpt.path, len(dropped))
     metadata = {
@@ -216,14 +219,14 @@ def _rewrite_comfy_int8(ckpt: Checkpoint, out: Path) -> Imported:
             raise CheckpointError(
                 f"{ckpt.path}: layer {module} is marked {conf.get('format')!r}; ditq reads int8_tensorwise"
             )
-    plan: dict[str, tuple[str, object]] = {}
+    plan: dict[str, _Out] = {}
     for name in bare:
         module, _, leaf = name.rpartition(".")
         if leaf == COMFY_MARKER:
             continue
-        plan[name] = (prefix + name, None)
+        plan[name] = _copied(ckpt, prefix + name)
         if leaf == "weight" and module in int8:
-            plan[f"{module}.{COMFY_MARKER}"] = ("", marker_tensor(configs[module]))
+            plan[f"{module}.{COMFY_MARKER}"] = _constant(marker_tensor(configs[module]))
     metadata = {
         k: v for k, v in ckpt.metadata.items() if k not in (QUANT_METADATA_KEY,) and isinstance(v, str)
     }
