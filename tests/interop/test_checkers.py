@@ -140,6 +140,12 @@ GGUF_CASES = {  # edit, architecture, expected (loader, rule) pairs, a phrase of
         {(SDCPP, "prefix"), (COMFYUI_GGUF, "prefix")},
         "only some tensor names carry",
     ),
+    "short-prefix": (
+        lambda t: [t.__setitem__("diffusion_model." + k, t.pop(k)) for k in list(t)],
+        "keep",
+        {(SDCPP, "prefix"), (COMFYUI_GGUF, "prefix")},
+        "ComfyUI strips only 'model.diffusion_model.'",
+    ),
     "prefixed": (
         _prefix_all_but(None),
         "keep",

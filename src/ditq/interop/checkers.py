@@ -63,6 +63,7 @@ COMFYUI_GGUF_ARCH = "ideogram"
 SMALL_TENSOR = 1024  # ComfyUI-GGUF keeps tensors of at most this many elements in F32
 SDCPP_MARKER_MAX_BYTES = 4096
 SDCPP_CONVROT_GROUP = 256
+COMFY_PREFIX = "model.diffusion_model."
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,9 @@ def _names(names: list[str], loaders: list[str], sdcpp: bool) -> tuple[str, list
         out.append(
             Violation(SDCPP, "prefix", f"names carry {prefix!r}; stable-diffusion.cpp reads bare names")
         )
+    if prefix and prefix != COMFY_PREFIX:
+        msg = f"names carry {prefix!r}; ComfyUI strips only {COMFY_PREFIX!r}"
+        out += [Violation(ld, "prefix", msg) for ld in loaders if ld in (COMFYUI, COMFYUI_GGUF)]
     try:
         if detect_layout(names) == "split":
             msg = "diffusers split names (attention.to_q/to_k/to_v/to_out.0); the loaders need attention.qkv / .o"
