@@ -324,6 +324,12 @@ INT8_CASES = {
         {(SDCPP, "orphan"), (COMFYUI, "orphan")},
         set(),
     ),
+    "int8-marker-on-bf16": (
+        _set(f"{PREFIX}layers.0.adaln_modulation.comfy_quant", _marker({"format": "int8_tensorwise"})),
+        None,
+        {(SDCPP, "marker"), (COMFYUI, "marker")},
+        set(),
+    ),
     "recipe-kept-layer-int8": (_int8_adaln, None, {("ditq", "recipe")}, set()),
     "marker-disagrees-with-metadata": (
         _set(f"{W1}.comfy_quant", _marker({"format": "int8_tensorwise", "convrot": False})),

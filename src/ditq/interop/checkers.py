@@ -370,10 +370,14 @@ def check_int8(
             out += [
                 Violation(ld, "int8", "int8 tensor that is not a Linear weight", prefix + name) for ld in who
             ]
-        if leaf == "weight_scale" and module not in int8:
-            out += [
-                Violation(ld, "orphan", "weight_scale without an int8 weight", prefix + name) for ld in who
-            ]
+        weight = bare.get(f"{module}.weight")
+        if leaf == "weight_scale" and (weight is None or weight[0] in ("BF16", "F16", "F32")):
+            msg = "weight_scale without a quantized weight"
+            out += [Violation(ld, "orphan", msg, prefix + name) for ld in who]
+        conf = markers.get(module) if leaf == COMFY_MARKER else None
+        if conf and conf.get("format") == "int8_tensorwise" and weight is not None and weight[0] != "I8":
+            msg = f"marked int8_tensorwise but the weight is {weight[0]}"
+            out += [Violation(ld, "marker", msg, prefix + name) for ld in who]
     for module in sorted(int8):
         stored = f"{prefix}{module}.weight"
         dtype, shape = bare[f"{module}.weight"]
