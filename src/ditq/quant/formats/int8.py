@@ -104,7 +104,9 @@ class Int8TensorwiseFormat(LinearFormat):
             return Int8Linear(tensors["weight"], self._row_scale(tensors), tensors.get("bias"), kernel=kernel)
         from ditq.interop.convrot import ConvRotInt8Linear
 
-        return ConvRotInt8Linear(tensors["weight"], self._row_scale(tensors), tensors.get("bias"), group, kernel)
+        return ConvRotInt8Linear(
+            tensors["weight"], self._row_scale(tensors), tensors.get("bias"), group, kernel
+        )
 
     def dequantize(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         group = _check_marker(tensors)
