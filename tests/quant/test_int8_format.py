@@ -129,3 +129,25 @@ def test_converting_an_int8_source_is_refused(converted, tmp_path):
     _, dst, _ = converted
     with pytest.raises(CheckpointError, match="already int8"):
         convert_transformer_int8(dst, tmp_path / "again", None, Int8W8A8Config(), progress=False)
+
+
+def test_a_bf16_split_layout_source_converts_to_the_same_fused_file(tmp_path):
+    model = tiny_transformer(3).to(torch.bfloat16)
+    src = tmp_path / "bf16" / "transformer"
+    src.mkdir(parents=True)
+    model.save_config(src)
+    save_safetensors(
+        src / "diffusion_pytorch_model.safetensors", dict(model.state_dict())
+    )  # to_q/to_k/to_v names
+    report = convert_transformer_int8(
+        src, tmp_path / "int8" / "transformer", None, Int8W8A8Config(), progress=False
+    )
+    assert "layers.1.attention.qkv" in report.quantized and "layers.1.attention.o" in report.quantized
+    disk, _ = load_transformer(tmp_path / "int8" / "transformer", torch.bfloat16)
+    mem = quantize_(
+        load_transformer(src, torch.bfloat16)[0],
+        Int8W8A8Config(protect=(*Int8W8A8Config().protect, "input_proj")),
+    )
+    for name, m in mem.named_modules():
+        if isinstance(m, Int8Linear):
+            assert torch.equal(m.qweight_t, disk.get_submodule(name).qweight_t), name
