@@ -103,7 +103,7 @@ def test_int8_file_loads_and_matches_in_memory_quantization(converted):
         assert torch.equal(mem(**kw).sample, loaded(**kw).sample)
 
 
-def test_int8_format_reads_comfyui_variants_and_refuses_convrot():
+def test_int8_format_reads_comfyui_variants():
     fmt = Int8TensorwiseFormat()
     w = torch.randint(-127, 128, (6, 32), dtype=torch.int8)
     flat = {"weight": w, "weight_scale": torch.rand(6)}
