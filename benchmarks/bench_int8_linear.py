@@ -1,5 +1,6 @@
 """ditq's W8A8 linear against bf16 `nn.Linear` (F.linear) and torchao's `Int8DynamicActivationInt8WeightConfig` (eager), at
-Ideogram 4 shapes, in one process: median wall time of repeated calls, speed ratios and output errors.
+Ideogram 4 shapes, in one process: median wall time of repeated calls (round-robin, so all three see the same machine load), speed
+ratios and output errors.
 
     python benchmarks/bench_int8_linear.py [--tokens 1024 4096] [--repeats 7] [--threads N]
 
@@ -20,14 +21,17 @@ import torch
 SHAPES = ((4608, 4608), (4608, 12288), (12288, 4608))  # (in, out): attention, ffn up, ffn down
 
 
-def median_ms(fn, x: torch.Tensor, repeats: int) -> float:
-    fn(x)  # warm-up (numba / oneDNN first-call costs)
-    times = []
+def median_ms(fns: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median time of each function, measured round-robin so that every one sees the same machine load."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn(x)  # warm-up (numba / oneDNN first-call costs)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(x)
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -66,7 +70,9 @@ def main() -> None:
     from ditq.quant.int8 import Int8Linear
 
     print(f"# {machine()}")
-    print(f"# median of {args.repeats} calls; errors: relative RMS vs float64 of the same bf16 inputs")
+    print(
+        f"# median of {args.repeats} round-robin calls; errors: relative RMS vs float64 of the same bf16 inputs"
+    )
     header = f"{'K->N':>12} {'tokens':>6} | {'bf16 ms':>8} {'ditq ms':>8} {'torchao ms':>10} | "
     header += f"{'ditq/bf16':>9} {'ditq/ao':>8} | {'err ditq':>9} {'err ao':>9}"
     print(header)
@@ -82,9 +88,8 @@ def main() -> None:
             x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
             with torch.no_grad():
                 ref = x.double() @ w.double().t()
-                t_bf16 = median_ms(ref_lin, x, args.repeats)
-                t_ours = median_ms(ours, x, args.repeats)
-                t_ao = median_ms(ao, x, args.repeats)
+                t = median_ms({"bf16": ref_lin, "ditq": ours, "torchao": ao}, x, args.repeats)
+                t_bf16, t_ours, t_ao = t["bf16"], t["ditq"], t["torchao"]
                 e_ours, e_ao = rel_err(ours(x), ref), rel_err(ao(x), ref)
             print(
                 f"{f'{k}->{n}':>12} {m:>6} | {t_bf16:8.1f} {t_ours:8.1f} {t_ao:10.1f} | "
