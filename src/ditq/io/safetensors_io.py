@@ -121,7 +121,7 @@ class TensorSource:
         self.path = path
         self.metadata: dict[str, str] = {}
         self._infos: dict[str, TensorInfo] = {}
-        self._maps: dict[Path, np.memmap] = {}
+        self._fds: dict[Path, int] = {}
         for file in self._files(path):
             infos, metadata = read_header(file)
             for name in infos:
@@ -171,15 +171,36 @@ class TensorSource:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor as stored (a copy read from the memory map)."""
+        """The tensor as stored, read with positioned reads (no memory map, so reading a whole checkpoint tensor
+        by tensor does not grow the process's resident set towards the file size)."""
         info = self.info(name)
-        mm = self._maps.get(info.file)
-        if mm is None:
-            mm = self._maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
-        raw = torch.from_numpy(np.array(mm[info.begin : info.end]))
+        buf = bytearray(info.nbytes)
+        if info.nbytes:
+            fd = self._fds.get(info.file)
+            if fd is None:
+                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+            view = memoryview(buf)
+            done = 0
+            while done < info.nbytes:
+                n = os.preadv(fd, [view[done:]], info.begin + done)
+                if n <= 0:
+                    raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
+                done += n
+        raw = torch.frombuffer(buf, dtype=torch.uint8) if info.nbytes else torch.empty(0, dtype=torch.uint8)
         if info.dtype == torch.bool:
             return raw.to(torch.bool).reshape(info.shape)
         return raw.view(info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self._infos.values())
@@ -239,8 +260,7 @@ class StreamingSafetensorsWriter:
             raise CheckpointError(
                 f"{self.path}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, declared {dtype} {list(shape)}"
             )
-        t = tensor.detach().contiguous().cpu()
-        t = t.reshape(-1)
+        t = tensor.detach().cpu().clone(memory_format=torch.contiguous_format).reshape(-1)
         data = t.view(torch.uint8) if t.dtype != torch.bool else t.to(torch.uint8)
         self._f.write(data.numpy().tobytes())
         self._next += 1

@@ -45,8 +45,10 @@ class PipelineInfo:
 
     @property
     def variant(self) -> str:
-        if self.recipe and self.recipe.get("name"):
-            return str(self.recipe["name"])
+        if self.recipe:
+            name = (self.recipe.get("recipe") or {}).get("name") or self.recipe.get("name")
+            if name:
+                return str(name)
         fmts = {f for c in TRANSFORMERS for f in self.formats.get(c, {}) if f != "float"}
         return "+".join(sorted(fmts)) or "bf16"
 
