@@ -52,17 +52,20 @@ def resolve_variants(args) -> dict[str, str]:
             variants[name] = path
         elif name == args.reference:
             variants[name] = args.model
+        elif ((args.variant_dir or Path("variants")) / name / "model_index.json").is_file():
+            variants[name] = str((args.variant_dir or Path("variants")) / name)
         elif name in RECIPES:
             folder = (args.variant_dir or Path("variants")) / name
-            if not (folder / "model_index.json").is_file():
-                raise ConfigError(
-                    f"--variants {name}: no quantized model at {folder}; make it with "
-                    f"`ditq quantize {args.model} --recipe {name} -o {folder}` or pass {name}=FOLDER"
-                )
-            variants[name] = str(folder)
+            raise ConfigError(
+                f"--variants {name}: no quantized model at {folder}; make it with "
+                f"`ditq quantize {args.model} --recipe {name} -o {folder}` or pass {name}=FOLDER"
+            )
         else:
             known = ", ".join([args.reference, *RECIPES.names()])
-            raise ConfigError(f"--variants: unknown variant {name!r}; known: {known}, or name=FOLDER")
+            raise ConfigError(
+                f"--variants: unknown variant {name!r} (no folder {(args.variant_dir or Path('variants')) / name}); "
+                f"known recipes: {known}, or name=FOLDER"
+            )
     if args.reference not in variants:
         raise ConfigError(f"--variants must include the reference variant {args.reference!r}")
     return variants

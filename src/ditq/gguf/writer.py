@@ -61,6 +61,12 @@ class _State(Enum):
     ABORTED = "aborted"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _remove(path: str) -> None:
     try:
         os.unlink(path)
@@ -164,6 +170,7 @@ class GGUFStreamWriter:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
+            os.chmod(self._tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
             os.replace(self._tmp, self.path)
         except BaseException:
             self.abort()

@@ -28,6 +28,20 @@ def _meta_components(folder: Path) -> dict:
     return comps
 
 
+def predict_gguf_bytes(model, recipe_name: str) -> int:
+    """Bytes of the tensors a GGUF recipe writes for `model` (built on meta), from the recipe's own type rule."""
+    from ditq.gguf import tensor_bytes
+    from ditq.interop.keys import split_to_fused
+    from ditq.quant.recipes.gguf import GGUFRecipe, storage_type
+
+    recipe = GGUFRecipe(name=recipe_name)
+    fused = split_to_fused(dict(model.state_dict()))
+    return sum(
+        tensor_bytes(storage_type(n, tuple(t.shape), recipe)[0], tuple(t.shape) or (1,))
+        for n, t in fused.items()
+    )
+
+
 def inspect_model(source: str, load: bool = False) -> dict:
     """{"source", "format", "components": {name: {parameters, bytes{fmt}, files?, predicted_bytes?, resident_bytes?}}}."""
     from ditq.models.loading import check_folder, read_recipe, resolve_source
@@ -55,7 +69,12 @@ def inspect_model(source: str, load: bool = False) -> dict:
     for name, model in comps.items():
         row = component_table(model, name)
         row["files"] = files_on_disk(folder / name)
-        if column in row["bytes"]:
+        recipe_name = (recipe.get("recipe") or {}).get("name", "")
+        if fmt == "gguf" and name.endswith("transformer") and recipe_name:
+            row["predicted_bytes"] = predict_gguf_bytes(model, recipe_name)
+        elif not name.endswith("transformer"):  # text encoder and VAE are reused from the FP8 reference
+            row["predicted_bytes"] = row["bytes"]["fp8"]
+        elif column in row["bytes"]:
             row["predicted_bytes"] = row["bytes"][column]
         report["components"][name] = row
     if load:
