@@ -227,16 +227,10 @@ def test_inspect_q4_k_files_match_the_prediction_within_header_overhead(q4k_dir,
         row = report["components"][comp]
         size = row["files"][GGUF_FILE]
         assert size == (q4k_dir / comp / GGUF_FILE).stat().st_size
-        predicted = row["bytes"]["q4_k"]  # from the meta-device model's shapes
+        predicted = row["predicted_bytes"]  # from the meta-device model's shapes
+        assert predicted == row["bytes"]["q4_k"]  # the size table agrees with the folder's prediction
         assert predicted + _overhead_gguf(q4k_dir / comp / GGUF_FILE) == size
         assert size - predicted < 16 * 1024
-
-
-@pytest.mark.xfail(
-    strict=True, reason="inspect maps a folder's format 'gguf' to no size column (the recipe name says which)"
-)
-def test_inspect_gguf_folder_names_its_predicted_bytes(q4k_dir, capsys):
-    assert "predicted_bytes" in _inspect(q4k_dir, capsys)["components"]["transformer"]
 
 
 def test_storage_type_falls_back_to_q8_0_then_bf16():
@@ -292,7 +286,8 @@ def test_row_length_not_multiple_of_256_falls_back_to_q8_0_in_a_converted_checkp
     # sizes predicted from the config's shapes honour the same fallback
     report = _inspect(out, capsys)
     row = report["components"]["transformer"]
-    assert row["bytes"]["q4_k"] + _overhead_gguf(out / "transformer" / GGUF_FILE) == row["files"][GGUF_FILE]
+    assert row["predicted_bytes"] == row["bytes"]["q4_k"]
+    assert row["predicted_bytes"] + _overhead_gguf(out / "transformer" / GGUF_FILE) == row["files"][GGUF_FILE]
 
     from ditq.models.loading import load_pipeline
 
