@@ -19,8 +19,8 @@ Measured 2026-11-25 on AMD EPYC, 2 cores, 25 GB, torch 2.13.0+cpu, commit 7ce157
     q4_k  169 s  220 MB/s  5.65 GB out  peak RSS 1.07 GB
     nf4   355 s  105 MB/s  5.22 GB out  peak RSS 0.96 GB
 Before reading in row blocks without a memory map (commit c7813bd): q4_k 184 s, peak RSS 10.27 GB; nf4 637 s,
-peak RSS 11.07 GB (every page of the 9.3 GB memory-mapped source stayed resident; bitsandbytes' NF4 quantizer
-added ~20 bytes of float32 temporaries per value of the largest weight).
+peak RSS 11.07 GB (every page of the 9.3 GB memory-mapped source stayed resident, and NF4 handed bitsandbytes the
+whole 245M-value text projection at once, whose quantizer makes several float32 temporaries of its input).
 """
 
 from __future__ import annotations
