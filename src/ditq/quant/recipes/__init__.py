@@ -168,7 +168,8 @@ def refuse_quantized(component: Path) -> None:
     source = TensorSource(component)
     for key in source.keys():
         dtype = source.info(key).dtype
-        if dtype in (torch.int8, torch.uint8):
+        # byte tensors that are not weights (ComfyUI's `comfy_quant` JSON markers) may sit beside FP8 weights
+        if key.endswith(".weight") and dtype in (torch.int8, torch.uint8):
             raise ConfigError(
                 f"{component}: {key} is {dtype}: already quantized; quantize from the FP8 or bf16 reference"
             )
