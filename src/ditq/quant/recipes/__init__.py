@@ -242,7 +242,8 @@ def quantize_pipeline(
         marker.write_text(json.dumps(summaries[comp], default=str))
     for comp in TRANSFORMERS:
         (tmp / comp / ".ditq-done.json").unlink()
-    record["summary"] = summaries
+    # paths in the summaries point into the temporary folder: record where they will live
+    record["summary"] = json.loads(json.dumps(summaries, default=str).replace(str(tmp), str(out)))
     (tmp / "ditq.json").write_text(json.dumps(record, indent=2, default=str))
     if out.exists():
         shutil.rmtree(out)
