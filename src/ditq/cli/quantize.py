@@ -50,7 +50,11 @@ def run(args) -> int:
     from ditq.quant.recipes import protect_layers
 
     options["protect_layers"] = protect_layers(
-        str(args.fragility) if args.fragility else None, args.protect, args.protect_bytes
+        str(args.fragility) if args.fragility else None,
+        args.protect,
+        args.protect_bytes,
+        source=args.model,
+        stats=options.get("stats"),
     )
     out = quantize_pipeline(args.model, args.output, args.recipe, options, force=args.force)
     print(out)

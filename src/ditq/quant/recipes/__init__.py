@@ -107,18 +107,44 @@ def _int8(src: Path, dst: Path, options: dict) -> dict:
 
 
 def protect_layers(
-    fragility: str | None, protect: int | None, protect_bytes: str | None
+    fragility: str | None,
+    protect: int | None,
+    protect_bytes: str | None,
+    source: str | None = None,
+    stats=None,
 ) -> dict[str, list[str]]:
-    """Layers to keep in bf16 beyond the defaults, chosen from a fragility table within a budget."""
+    """Layers to keep in bf16 beyond the defaults, chosen most fragile first within a budget.
+
+    The ranking comes from a fragility table (`ditq sensitivity`); without one it is measured here from the
+    source model and the calibration statistics (each Linear alone in W8A8, whole-transformer output error).
+    """
     if protect is None and protect_bytes is None:
         return {}
-    if fragility is None:
-        raise ConfigError("--protect / --protect-bytes need --fragility (a table from ditq sensitivity)")
     from ditq.quant.int8.config import DEFAULT_PROTECT
-    from ditq.quant.int8.sensitivity import ProtectBudget, choose_protected, read_csv
+    from ditq.quant.int8.sensitivity import ProtectBudget, choose_protected, rank, read_csv
 
     budget = ProtectBudget.parse(f"bytes={protect_bytes}" if protect_bytes else str(protect))
-    return choose_protected(read_csv(fragility), budget, DEFAULT_PROTECT)
+    if fragility is not None:
+        rows = read_csv(fragility)
+    elif stats is not None and source is not None:
+        import torch
+
+        from ditq.models.loading import load_transformer, resolve_source
+        from ditq.quant.int8.sensitivity import measure_fragility
+
+        log.info(
+            "no fragility table given: measuring per-layer W8A8 fragility (ditq sensitivity does the same)"
+        )
+        folder = resolve_source(source)
+        rows = []
+        for comp in TRANSFORMERS:
+            model, _ = load_transformer(folder / comp, torch.float32)
+            rows += measure_fragility(model, stats, comp, int8_config({"stats": stats}))
+            del model
+        rows = rank(rows)
+    else:
+        raise ConfigError("--protect / --protect-bytes need calibration statistics (--stats) or --fragility")
+    return choose_protected(rows, budget, DEFAULT_PROTECT)
 
 
 for _name, _desc in (
