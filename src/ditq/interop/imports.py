@@ -43,6 +43,7 @@ from ditq.interop.layouts import (
     read_checkpoint,
     validate,
 )
+from ditq.io.files import link_or_copy, link_or_copy_tree
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +78,6 @@ def inspect_source(src: str | os.PathLike, layout: str = "auto") -> tuple[Checkp
     return ckpt, spec
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def import_transformer(src: str | os.PathLike, dst: str | os.PathLike, layout: str = "auto") -> Imported:
     """Write the weights of one transformer checkpoint into component folder `dst` in a layout ditq loads."""
     ckpt, spec = inspect_source(src, layout)
@@ -92,7 +85,7 @@ def import_transformer(src: str | os.PathLike, dst: str | os.PathLike, layout: s
     dst.mkdir(parents=True, exist_ok=True)
     if spec.name == "sdcpp-gguf":
         _check_gguf_types(ckpt)
-        _link_or_copy(ckpt.path, dst / f"{WEIGHTS}.gguf")
+        link_or_copy(ckpt.path, dst / f"{WEIGHTS}.gguf")
         return Imported(ckpt.path, spec.name, (f"{WEIGHTS}.gguf",))
     if spec.name in ("official-fp8", "official-nf4"):
         return Imported(ckpt.path, spec.name, _place_safetensors(Path(src), dst))
@@ -103,15 +96,15 @@ def import_transformer(src: str | os.PathLike, dst: str | os.PathLike, layout: s
 
 def _place_safetensors(src: Path, dst: Path) -> tuple[str, ...]:
     if src.is_file():
-        _link_or_copy(src, dst / f"{WEIGHTS}.safetensors")
+        link_or_copy(src, dst / f"{WEIGHTS}.safetensors")
         return (f"{WEIGHTS}.safetensors",)
     files = checkpoint_files(src)
     names = []
     for index in src.glob("*.safetensors.index.json"):
-        _link_or_copy(index, dst / index.name)
+        link_or_copy(index, dst / index.name)
         names.append(index.name)
     for f in files:
-        _link_or_copy(f, dst / f.name)
+        link_or_copy(f, dst / f.name)
         names.append(f.name)
     return tuple(names)
 
@@ -301,11 +294,9 @@ def build_pipeline(
             if item.name in (*TRANSFORMERS, "ditq.json") or item.name.startswith("."):
                 continue
             if item.is_dir():
-                shutil.copytree(
-                    item, tmp / item.name, copy_function=lambda s, d: _link_or_copy(Path(s), Path(d))
-                )
+                link_or_copy_tree(item, tmp / item.name)
             else:
-                _link_or_copy(item, tmp / item.name)
+                link_or_copy(item, tmp / item.name)
         imported: dict[str, Imported | None] = {}
         for comp, path in (("transformer", src), ("unconditional_transformer", uncond)):
             (tmp / comp).mkdir()
@@ -314,7 +305,7 @@ def build_pipeline(
                 log.warning("%s: no unconditional transformer given; keeping the one of %s", out, base_dir)
                 for f in (base_dir / comp).iterdir():
                     if f.is_file() and f.name != "config.json":
-                        _link_or_copy(f, tmp / comp / f.name)
+                        link_or_copy(f, tmp / comp / f.name)
                 imported[comp] = None
                 continue
             imported[comp] = import_transformer(path, tmp / comp, layout)

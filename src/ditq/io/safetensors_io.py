@@ -174,22 +174,30 @@ class TensorSource:
         """The tensor as stored, read with positioned reads (no memory map, so reading a whole checkpoint tensor
         by tensor does not grow the process's resident set towards the file size)."""
         info = self.info(name)
-        buf = bytearray(info.nbytes)
-        if info.nbytes:
+        buf = self.read_bytes(name, 0, info.nbytes)
+        raw = torch.frombuffer(buf, dtype=torch.uint8) if info.nbytes else torch.empty(0, dtype=torch.uint8)
+        if info.dtype == torch.bool:
+            return raw.to(torch.bool).reshape(info.shape)
+        return raw.view(info.dtype).reshape(info.shape)
+
+    def read_bytes(self, name: str, offset: int, length: int) -> bytearray:
+        """`length` stored bytes of tensor `name` starting `offset` bytes into it (e.g. a block of rows)."""
+        info = self.info(name)
+        if offset < 0 or offset + length > info.nbytes:
+            raise CheckpointError(f"{info.file}: byte range {offset}+{length} is outside tensor {name!r}")
+        buf = bytearray(length)
+        if length:
             fd = self._fds.get(info.file)
             if fd is None:
                 fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
             view = memoryview(buf)
             done = 0
-            while done < info.nbytes:
-                n = os.preadv(fd, [view[done:]], info.begin + done)
+            while done < length:
+                n = os.preadv(fd, [view[done:]], info.begin + offset + done)
                 if n <= 0:
                     raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
                 done += n
-        raw = torch.frombuffer(buf, dtype=torch.uint8) if info.nbytes else torch.empty(0, dtype=torch.uint8)
-        if info.dtype == torch.bool:
-            return raw.to(torch.bool).reshape(info.shape)
-        return raw.view(info.dtype).reshape(info.shape)
+        return buf
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -31,6 +30,7 @@ import torch
 
 from ditq.errors import CheckpointError, ConfigError
 from ditq.interop.keys import detect_layout, fused_module_name, split_to_fused, strip_prefix
+from ditq.io.files import link_or_copy, link_or_copy_tree
 from ditq.io.safetensors_io import StreamingSafetensorsWriter, TensorInfo, TensorSource
 from ditq.models.weights import group_by_module
 from ditq.quant.formats.fp8 import SCALE_ALIASES
@@ -447,13 +447,6 @@ def convert_transformer_int8(
     return report
 
 
-def _link_or_copy(a: str, b: str) -> None:
-    try:
-        os.link(a, b)
-    except OSError:
-        shutil.copy2(a, b)
-
-
 TRANSFORMERS = ("transformer", "unconditional_transformer")
 
 
@@ -499,9 +492,9 @@ def quantize_pipeline_int8(
             if item.name in TRANSFORMERS or item.name == "ditq.json":
                 continue
             if item.is_dir():
-                shutil.copytree(item, tmp / item.name, copy_function=_link_or_copy)
+                link_or_copy_tree(item, tmp / item.name)
             else:
-                _link_or_copy(str(item), str(tmp / item.name))
+                link_or_copy(item, tmp / item.name)
         reports = {}
         for tr in TRANSFORMERS:
             reports[tr] = convert_transformer_int8(

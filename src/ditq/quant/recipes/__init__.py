@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ditq import __version__
 from ditq.errors import ConfigError
+from ditq.io.files import link_or_copy_tree
 from ditq.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -166,20 +167,6 @@ RECIPES.add(
 )
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    def copy(s, d):
-        if os.path.lexists(d):
-            if os.path.samefile(s, d):
-                return  # linked by an earlier, interrupted run being resumed
-            os.unlink(d)
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copy2(s, d)
-
-    shutil.copytree(src, dst, copy_function=copy, dirs_exist_ok=True)
-
-
 def refuse_quantized(component: Path) -> None:
     """ConfigError when a transformer folder already holds quantized weights (a GGUF file, integer or packed
     4-bit tensors), whatever its pipeline's ditq.json says; checked before anything is written."""
@@ -246,7 +233,7 @@ def quantize_pipeline(
     for comp in index:
         if comp.startswith("_") or comp in TRANSFORMERS or not (src / comp).is_dir():
             continue
-        _link_or_copy(src / comp, tmp / comp)
+        link_or_copy_tree(src / comp, tmp / comp)
     for f in src.iterdir():
         if f.is_file() and f.name != "ditq.json":
             shutil.copy2(f, tmp / f.name)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -113,14 +112,15 @@ def storage_type(name: str, shape: tuple[int, ...], recipe: GGUFRecipe) -> tuple
     return Q.BF16, f"row length {shape[-1]} is not a multiple of 32"
 
 
-def plan_tensors(source: TensorSource, recipe: GGUFRecipe) -> list[TensorPlan]:
-    """Output tensors (official fused names) from a source in fused or split layout, FP8 or float."""
+def fused_sources(source: TensorSource) -> dict[str, list[str]]:
+    """{official fused output name: the stored keys it is made of (q, k, v parts of a split layout)}, skipping
+    the FP8 scales and ComfyUI markers that travel with weights; a source already integer-quantized is refused."""
     from ditq.interop.keys import detect_layout
 
     names = [strip_prefix(k) for k in source.keys()]
     raw = dict(zip(names, source.keys(), strict=True))
     layout = detect_layout(names)
-    plans: dict[str, TensorPlan] = {}
+    out: dict[str, list[str]] = {}
     for name in names:
         if name.endswith((".weight_scale", ".scale_weight", ".comfy_quant", ".input_scale")):
             continue
@@ -128,34 +128,23 @@ def plan_tensors(source: TensorSource, recipe: GGUFRecipe) -> list[TensorPlan]:
             raise ConfigError(
                 f"{source.path}: {name} is already integer-quantized; convert from the FP8 or bf16 reference"
             )
-        out = name
+        fused = name
         if layout == "split":
             module, _, leaf = name.rpartition(".")
-            out = f"{fused_module_name(module)}.{leaf}"
-        plan = plans.get(out)
-        if plan is None:
-            plans[out] = plan = TensorPlan(out, (), Q.F32)
-        plan.sources.append(raw[name])
+            fused = f"{fused_module_name(module)}.{leaf}"
+        out.setdefault(fused, []).append(raw[name])
+    return out
+
+
+def plan_tensors(source: TensorSource, recipe: GGUFRecipe) -> list[TensorPlan]:
+    """Output tensors (official fused names) from a source in fused or split layout, FP8 or float."""
+    plans = {name: TensorPlan(name, (), Q.F32, keys) for name, keys in fused_sources(source).items()}
     for plan in plans.values():
         shapes = [source.info(s).shape for s in plan.sources]
         rows = sum(s[0] for s in shapes) if len(shapes) > 1 else shapes[0][0] if shapes[0] else 0
         plan.shape = (rows, *shapes[0][1:]) if len(shapes) > 1 else tuple(shapes[0])
         plan.qtype, plan.note = storage_type(plan.name, plan.shape, recipe)
     return list(plans.values())
-
-
-def _read_bytes(file, offset: int, length: int, where: str) -> np.ndarray:
-    """`length` bytes at `offset` with a plain read: pages of a memory map would stay in the resident set until it
-    is unmapped, so reading a 9 GB checkpoint through one would grow the process by 9 GB."""
-    buf = np.empty(length, dtype=np.uint8)
-    view = memoryview(buf)
-    done = 0
-    while done < length:
-        n = os.preadv(file.fileno(), [view[done:]], offset + done)
-        if n <= 0:
-            raise CheckpointError(f"{where}: file ended {length - done} bytes early")
-        done += n
-    return buf
 
 
 def float_rows(source: TensorSource, key: str, max_values: int = CHUNK_VALUES) -> Iterator[np.ndarray]:
@@ -183,21 +172,20 @@ def float_rows(source: TensorSource, key: str, max_values: int = CHUNK_VALUES) -
         raise CheckpointError(f"{source.path}: {key} is {info.dtype}; expected a float or FP8 tensor")
     size = torch.empty((), dtype=info.dtype).element_size()
     step = max(1, max_values // max(row_len, 1))
-    with open(info.file, "rb") as f:
-        for r in range(0, rows, step):
-            n = min(step, rows - r)
-            raw = _read_bytes(f, info.begin + r * row_len * size, n * row_len * size, f"{info.file}: {key}")
-            x = torch.from_numpy(raw).view(info.dtype).reshape(n, row_len).float()
-            if scale is not None:
-                x.mul_(scale[r : r + n, None])
-            x = x.numpy()
-            if not np.isfinite(x).all():  # numpy's check is ~10x faster than torch's here
-                row, col = np.argwhere(~np.isfinite(x))[0].tolist()
-                raise CheckpointError(
-                    f"{source.path}: {key} holds a non-finite value (NaN or Inf) at row {r + row}, column {col}; "
-                    "refusing to quantize it"
-                )
-            yield x
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        raw = source.read_bytes(key, r * row_len * size, n * row_len * size)
+        x = torch.frombuffer(raw, dtype=torch.uint8).view(info.dtype).reshape(n, row_len).float()
+        if scale is not None:
+            x.mul_(scale[r : r + n, None])
+        x = x.numpy()
+        if not np.isfinite(x).all():  # numpy's check is ~10x faster than torch's here
+            row, col = np.argwhere(~np.isfinite(x))[0].tolist()
+            raise CheckpointError(
+                f"{source.path}: {key} holds a non-finite value (NaN or Inf) at row {r + row}, column {col}; "
+                "refusing to quantize it"
+            )
+        yield x
 
 
 def read_float(source: TensorSource, key: str) -> np.ndarray:

@@ -16,41 +16,19 @@ import numpy as np
 import torch
 
 from ditq import __version__
-from ditq.errors import ConfigError
-from ditq.interop.keys import detect_layout, fused_module_name, strip_prefix
 from ditq.io.safetensors_io import StreamingSafetensorsWriter, TensorSource
 from ditq.quant.formats.nf4 import encode_state, quantize_nf4_pieces
-from ditq.quant.recipes.gguf import float_rows, read_float
+from ditq.quant.recipes.gguf import float_rows, fused_sources, read_float
 
 BLOCKSIZE = 64
 NOT_LINEAR = ("embed_image_indicator.weight",)
-
-
-def _plan(source: TensorSource) -> dict[str, list[str]]:
-    names = [strip_prefix(k) for k in source.keys()]
-    raw = dict(zip(names, source.keys(), strict=True))
-    layout = detect_layout(names)
-    plans: dict[str, list[str]] = {}
-    for name in names:
-        if name.endswith((".weight_scale", ".scale_weight", ".comfy_quant")):
-            continue
-        if source.info(raw[name]).dtype in (torch.int8, torch.uint8):
-            raise ConfigError(
-                f"{source.path}: {name} is already quantized; convert from the FP8 or bf16 reference"
-            )
-        out = name
-        if layout == "split":
-            module, _, leaf = name.rpartition(".")
-            out = f"{fused_module_name(module)}.{leaf}"
-        plans.setdefault(out, []).append(raw[name])
-    return plans
 
 
 def write_transformer_nf4(src: Path, dst: Path, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     source = TensorSource(src)
-    plans = _plan(source)
+    plans = fused_sources(source)
     specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     kinds: dict[str, str] = {}
     logical: dict[str, tuple[int, ...]] = {}
