@@ -18,15 +18,6 @@ from ditq.quant.int8 import Int8Linear, Int8W8A8Config, convert_transformer_int8
 from ditq.quant.int8.calibrate import synthetic_inputs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine spinning threads cost 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_transformer(seed: int = 0):
     from diffusers import Ideogram4Transformer2DModel
 
