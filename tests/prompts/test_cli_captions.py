@@ -22,6 +22,9 @@ def write_lines(path, lines):
 
 def test_cli_validate_reports_every_problem_with_line_numbers(tmp_path, capsys):
     bad_caption = {"compositional_deconstruction": {"elements": [], "background": "x"}}
+    accented = {
+        "compositional_deconstruction": {"background": "café", "elements": [{"type": "obj", "desc": "d"}]}
+    }
     path = write_lines(
         tmp_path / "captions.jsonl",
         [
@@ -32,29 +35,64 @@ def test_cli_validate_reports_every_problem_with_line_numbers(tmp_path, capsys):
             json.dumps({"id": "a", "caption": GOOD}),
             json.dumps({"id": "c"}),
             json.dumps(GOOD),
+            json.dumps(accented),  # the line is the caption, saved with ensure_ascii=True
+            json.dumps({"id": "d", "caption": json.dumps(accented)}),  # caption text with \\u escapes
+            json.dumps(
+                {"id": "e", "caption": accented}, ensure_ascii=True
+            ),  # an object: ditq writes it itself
         ],
     )
     assert main(["captions", "validate", str(path)]) == 1
     out = capsys.readouterr()
     lines = out.out.splitlines()
+    cd = "$.compositional_deconstruction"
     assert (
-        f"{path}:2: [b] $.compositional_deconstruction: wrong-order: keys are (elements, background), expected (background, elements)"
-        in lines
+        f"{path}:2: [b] {cd}: wrong-order: keys are (elements, background), expected (background, elements) "
+        "[official verifier]" in lines
     )
     assert (
-        f"{path}:2: [b] $.compositional_deconstruction.elements: empty-elements: needs at least one element"
-        in lines
+        f"{path}:2: [b] {cd}.elements: empty-elements: needs at least one element (lint) [ditq lint]" in lines
     )
     assert any(line.startswith(f"{path}:3: $: invalid-json:") for line in lines)
-    assert f"{path}:5: [a] $.id: duplicate-id: id 'a' already used on line 1" in lines
-    assert f"{path}:6: [c] $: missing-caption: record has no 'caption' field" in lines
-    assert not any(line.startswith((f"{path}:1:", f"{path}:7:")) for line in lines)
-    assert "6 line(s), 4 invalid, 5 problem(s)" in out.err
+    assert f"{path}:5: [a] $.id: duplicate-id: id 'a' already used on line 1 [ditq records]" in lines
+    assert f'{path}:6: [c] $: missing-caption: record has no "caption" field [ditq records]' in lines
+    assert any(line.startswith(f"{path}:8: $: escaped-non-ascii: 1 \\u escape(s)") for line in lines)
+    assert any(line.startswith(f"{path}:9: [d] $: escaped-non-ascii:") for line in lines)
+    assert not any(line.startswith((f"{path}:1:", f"{path}:7:", f"{path}:10:")) for line in lines)
+    assert len(lines) == 7
+    assert "9 line(s), 6 invalid, 6 error(s), 1 lint finding(s) (--strict makes them errors)" in out.err
+    assert main(["captions", "validate", str(path), "--strict"]) == 1
+    assert "9 line(s), 6 invalid, 7 error(s)" in capsys.readouterr().err
+
+
+def test_cli_validate_strict_turns_lint_into_errors(tmp_path, capsys):
+    lint_only = {"compositional_deconstruction": {"background": " ", "elements": []}}
+    path = write_lines(tmp_path / "lint.jsonl", [json.dumps(lint_only)])
+    assert main(["captions", "validate", str(path)]) == 0
+    assert "1 line(s), 0 invalid, 0 error(s), 2 lint finding(s)" in capsys.readouterr().err
+    assert main(["captions", "validate", str(path), "--no-warnings"]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["captions", "validate", str(path), "--strict"]) == 1
+    out = capsys.readouterr()
+    assert "empty-string" in out.out and "empty-elements" in out.out
+    assert "1 line(s), 1 invalid, 2 error(s)" in out.err
+
+
+def test_cli_rules_lists_every_rule_with_its_source(capsys):
+    from ditq.prompts import RULES
+
+    assert main(["captions", "rules"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(RULES)
+    by_id = {line.split()[0]: line for line in lines}
+    assert "official verifier" in by_id["escaped-non-ascii"]
+    assert "official prompting guide" in by_id["top-level-order"]
+    assert "ditq lint" in by_id["zero-area-bbox"]
 
 
 def test_cli_validate_clean_file_and_missing_file(tmp_path, capsys):
     path = write_lines(tmp_path / "ok.jsonl", [json.dumps(GOOD)] * 3)
-    assert main(["captions", "validate", str(path)]) == 0
+    assert main(["captions", "validate", str(path), "--strict"]) == 0
     assert main(["captions", "validate", str(tmp_path / "nope.jsonl")]) == 2
     assert "nope.jsonl: cannot read" in capsys.readouterr().err
 
@@ -80,7 +118,10 @@ def test_cli_expand_resumes_after_interruption_without_duplicates(tmp_path, caps
     records = read_prompt_records(out)
     assert [r.id for r in records] == ["p-00", "p-01", "p-02", "p-03", "p-04"]
     assert out.read_bytes().startswith(full)  # earlier lines untouched
-    assert all(validate_caption(r.caption) == [] and r.fields["expander"] == "template" for r in records)
+    assert all(
+        validate_caption(r.caption, level="lint") == [] and r.fields["expander"] == "template"
+        for r in records
+    )
     assert all(f"HELLO {i}" in records[i].caption for i in range(5))
     # Nothing left: a third run writes nothing.
     assert main(["captions", "expand", str(prompts), "-o", str(out)]) == 0
@@ -129,7 +170,10 @@ def test_cli_suite_list_and_export(tmp_path, capsys):
     assert all(line["mode"] == "raw" and line["text"] == line["prompt"] for line in lines)
     assert main(["captions", "suite", "--export", str(export), "--subset", "smoke"]) == 0
     lines = [json.loads(line) for line in export.read_text(encoding="utf-8").splitlines()]
-    assert all(line["text"] == line["caption"] and validate_caption(line["text"]) == [] for line in lines)
+    assert all(
+        line["text"] == line["caption"] and validate_caption(line["text"], level="lint") == []
+        for line in lines
+    )
     assert main(["captions", "suite", "--list", "--subset", "tiny"]) == 2
 
 

@@ -48,7 +48,7 @@ def test_openai_valid_reply_is_returned_canonical_with_structured_request(monkey
     with ChatServer([caption(VALID)]) as server:
         exp, waits = expander(server, monkeypatch)
         text = exp.expand(RECORD)
-    assert validate_caption(text) == [] and text == json.dumps(
+    assert validate_caption(text, level="lint") == [] and text == json.dumps(
         json.loads(VALID), separators=(",", ":"), ensure_ascii=False
     )
     assert "Café Noir" in text  # non-ASCII kept
@@ -66,7 +66,7 @@ def test_openai_valid_reply_is_returned_canonical_with_structured_request(monkey
 def test_openai_invalid_reply_is_repaired_with_validator_findings(monkeypatch):
     with ChatServer([caption(INVALID), caption(VALID)]) as server:
         exp, _ = expander(server, monkeypatch)
-        assert validate_caption(exp.expand(RECORD)) == []
+        assert validate_caption(exp.expand(RECORD), level="lint") == []
     assert len(server.requests) == 2
     repair_turn = server.requests[1].body["messages"]
     assert [m["role"] for m in repair_turn] == ["system", "user", "assistant", "user"]
@@ -78,7 +78,7 @@ def test_openai_invalid_reply_is_repaired_with_validator_findings(monkeypatch):
 def test_openai_truncated_reply_is_repaired(monkeypatch):
     with ChatServer([Reply("truncated", content=VALID), caption(VALID)]) as server:
         exp, _ = expander(server, monkeypatch)
-        assert validate_caption(exp.expand(RECORD)) == []
+        assert validate_caption(exp.expand(RECORD), level="lint") == []
     assert "cut off" in server.requests[1].body["messages"][-1]["content"]
     assert "invalid-json" in server.requests[1].body["messages"][-1]["content"]
 
@@ -92,7 +92,7 @@ def test_openai_transport_failures_are_retried_with_backoff(monkeypatch):
     ]
     with ChatServer(script) as server:
         exp, waits = expander(server, monkeypatch, timeout=0.3, retries=3, backoff=0.5)
-        assert validate_caption(exp.expand(RECORD)) == []
+        assert validate_caption(exp.expand(RECORD), level="lint") == []
     assert len(server.requests) == 4
     assert waits == [0.5, 1.0, 2.0]
 
@@ -123,7 +123,7 @@ def test_openai_refused_request_is_not_retried(monkeypatch):
 def test_openai_falls_back_when_structured_output_is_unsupported(monkeypatch):
     with ChatServer([Reply("reject_format", content=VALID)]) as server:
         exp, _ = expander(server, monkeypatch, retries=0)
-        assert validate_caption(exp.expand(RECORD)) == []
+        assert validate_caption(exp.expand(RECORD), level="lint") == []
     assert "response_format" in server.requests[0].body and "response_format" not in server.requests[1].body
 
 

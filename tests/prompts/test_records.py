@@ -97,7 +97,7 @@ def test_open_resumable_creates_missing_folders(tmp_path):
 
 def test_spec_instructions_state_the_rules_and_a_valid_example():
     text = caption_instructions()
-    assert validate_caption(_EXAMPLE) == []
+    assert validate_caption(_EXAMPLE, level="lint") == []
     assert _EXAMPLE in text
     for phrase in (
         "aesthetics, lighting, photo, medium, color_palette",

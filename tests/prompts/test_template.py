@@ -21,7 +21,7 @@ def record(prompt: str, **fields) -> PromptRecord:
 def test_template_bare_prompt_becomes_valid_caption_with_quoted_text():
     expander = EXPANDERS.get("template")()
     caption = expander.expand(record('A vintage travel poster reading "VISIT LISBOA" and “Since 1928”'))
-    assert validate_caption(caption) == []
+    assert validate_caption(caption, level="lint") == []
     obj = json.loads(caption)
     texts = [e["text"] for e in obj["compositional_deconstruction"]["elements"] if e["type"] == "text"]
     assert texts == ["VISIT LISBOA", "Since 1928"]

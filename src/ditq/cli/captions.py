@@ -1,6 +1,7 @@
 """`ditq captions`: validate caption files, expand prompts into captions, list and export the prompt suite.
 
-ditq captions validate FILE                          every problem, with line number and JSON path
+ditq captions validate FILE [--strict]               every problem, with line number, JSON path and rule source
+ditq captions rules                                  the rules, their level and where each comes from
 ditq captions expand PROMPTS -o OUT --expander NAME   resumable; ids already in OUT are skipped
 ditq captions suite --list | --export FILE [--subset NAME] [--mode json|raw]
 ditq captions schema [-o FILE]                       the caption JSON Schema (draft 2020-12)
@@ -25,13 +26,19 @@ def add_parser(subparsers) -> None:
         "validate",
         help="check every caption in a JSONL file",
         description="Check a JSONL file line by line: a line is a caption, or a record whose `caption` field holds "
-        "one (object or JSON text). Prints every problem as FILE:LINE: [ID] PATH: RULE: MESSAGE. "
-        "Exit status 0 when all captions are valid, 1 when any is not.",
+        "one (object or JSON text). Errors are what the official Ideogram 4 caption verifier refuses (the official "
+        "pipeline aborts on any of them); ditq's stricter lint findings are printed too, marked (lint), and "
+        "--strict makes them errors. Prints FILE:LINE: [ID] PATH: RULE: MESSAGE [SOURCE]. "
+        "Exit status 0 when every caption is valid, 1 when any is not.",
     )
     v.add_argument("file", type=Path)
     v.add_argument("--field", default="caption", help="record field holding the caption (default: caption)")
-    v.add_argument("--no-warnings", action="store_true", help="do not print warnings")
+    v.add_argument("--strict", action="store_true", help="lint findings are errors too (exit status 1)")
+    v.add_argument("--no-warnings", action="store_true", help="do not print lint findings (without --strict)")
     v.set_defaults(func=run_validate)
+
+    r = verbs.add_parser("rules", help="list the caption rules with their level and source")
+    r.set_defaults(func=run_rules)
 
     e = verbs.add_parser(
         "expand",
@@ -86,23 +93,37 @@ def add_parser(subparsers) -> None:
 
 
 def run_validate(args) -> int:
-    from ditq.prompts.validate import validate_caption_file
+    from ditq.prompts.caption_file import validate_caption_file
+    from ditq.prompts.rules import OFFICIAL
 
-    lines = errors = invalid = 0
-    last_line = 0
+    errors = lint = 0
+    invalid: set[int] = set()
     for found in validate_caption_file(args.file, field=args.field):
-        if found.problem.severity != "error" and args.no_warnings:
-            continue
-        label = f" [{found.record_id}]" if found.record_id else ""
-        print(f"{args.file}:{found.line}:{label} {found.problem}")
-        if found.problem.severity == "error":
+        is_error = found.problem.level == OFFICIAL or args.strict
+        if is_error:
             errors += 1
-            if found.line != last_line:
-                invalid += 1
-                last_line = found.line
-    lines = sum(1 for line in args.file.open(encoding="utf-8") if line.strip())
-    print(f"{args.file}: {lines} line(s), {invalid} invalid, {errors} problem(s)", file=sys.stderr)
+            invalid.add(found.line)
+        else:
+            lint += 1
+            if args.no_warnings:
+                continue
+        label = f" [{found.record_id}]" if found.record_id else ""
+        print(f"{args.file}:{found.line}:{label} {found.problem} [{found.problem.source}]")
+    lines = sum(1 for line in args.file.open(encoding="utf-8", errors="replace") if line.strip())
+    summary = f"{args.file}: {lines} line(s), {len(invalid)} invalid, {errors} error(s)"
+    if not args.strict:
+        summary += f", {lint} lint finding(s) (--strict makes them errors)"
+    print(summary, file=sys.stderr)
     return 1 if errors else 0
+
+
+def run_rules(args) -> int:
+    from ditq.prompts.rules import RULES
+
+    width = max(len(rule_id) for rule_id in RULES)
+    for rule in RULES.values():
+        print(f"{rule.id:<{width}}  {rule.source:<24}  {rule.description}")
+    return 0
 
 
 def _expander_options(args) -> dict:

@@ -1,7 +1,9 @@
 """Structured JSON captions for Ideogram 4: the schema and its validator, caption expanders and the prompt suite.
 
-validate_caption(obj_or_text) -> list[CaptionProblem]   every broken rule, with JSON path and rule id
+validate_caption(obj_or_text, level="official")         every broken rule, with JSON path, rule id and source
+                              -> list[CaptionProblem]   ("official": as the official verifier; "lint": stricter)
 check_caption(obj_or_text)    -> dict                   the raising variant (CaptionError, a ConfigError)
+RULES                                                   rule id -> Rule(description, source)
 canonical_json(obj)           -> str                    minified, key order kept, non-ASCII kept
 caption_json_schema()         -> dict                   draft 2020-12 JSON Schema for structured output
 load_suite(name="full")       -> list[PromptRecord]     the benchmark prompts (full / quick / smoke)
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from ditq.prompts.expanders import EXPANDERS, Expander, ExpanderError
 from ditq.prompts.records import PromptRecord, read_prompt_records
+from ditq.prompts.rules import RULES, Rule
 from ditq.prompts.schema import canonical_json, caption_json_schema
 from ditq.prompts.suite import (
     CATEGORIES,
@@ -23,7 +26,6 @@ from ditq.prompts.suite import (
     suite_records,
 )
 from ditq.prompts.validate import (
-    RULES,
     CaptionError,
     CaptionProblem,
     check_caption,
@@ -42,6 +44,7 @@ __all__ = [
     "Expander",
     "ExpanderError",
     "PromptRecord",
+    "Rule",
     "SuiteItem",
     "canonical_json",
     "caption_json_schema",

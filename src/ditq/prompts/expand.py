@@ -59,7 +59,7 @@ def expand_to_file(
                 continue
             try:
                 caption = expander.expand(record)
-                check_caption(caption, where=f"{expander.name} expander, prompt {record.id!r}")
+                check_caption(caption, where=f"{expander.name} expander, prompt {record.id!r}", level="lint")
             except ExpanderError as exc:
                 if not keep_going:
                     raise ExpanderError(

@@ -10,19 +10,20 @@ A caption is one JSON object (sent to the model as a minified string)::
          "color_palette": ["#RRGGBB", ...]},             optional, at most 16, always last
      "compositional_deconstruction": {                   required
          "background": str,
-         "elements": [                                   at least one
+         "elements": [                                   may be empty (lint: at least one)
              {"type": "obj", "bbox": [y0, x0, y1, x1], "desc": str, "color_palette": [...]},
              {"type": "text", "bbox": [...], "text": str, "desc": str, "color_palette": [...]}]}}
 
 Key order matters (the model was trained on one order): every object lists its keys exactly in the orders below.
-`bbox` is `[y_min, x_min, y_max, x_max]`, integers on a 0-1000 grid with min < max; element palettes hold at most
+`bbox` is `[y_min, x_min, y_max, x_max]`, integers on a 0-1000 grid with min <= max; element palettes hold at most
 5 colours, all uppercase `#RRGGBB`.
 
-These rules follow the official prompting guide and caption verifier of the Ideogram 4 release. Two are stricter
-here: an empty `elements` list and a zero-area box (min == max) are errors.
+`ditq.prompts.validate` checks these at two levels (`ditq.prompts.rules` lists every rule and its source): the
+official caption verifier's rules, and ditq's stricter lint rules (top-level key order, strings that are strings
+and not blank, at least one element, boxes with an area).
 
-`caption_json_schema()` expresses the same rules as a draft 2020-12 JSON Schema for structured-output APIs, except
-key order, which JSON Schema cannot state: `ditq.prompts.validate` checks it.
+`caption_json_schema()` expresses the lint level as a draft 2020-12 JSON Schema for structured-output APIs, except
+key order and min < max, which JSON Schema cannot state: `ditq.prompts.validate` checks them.
 """
 
 from __future__ import annotations

@@ -1,61 +1,54 @@
-"""Check a caption against the rules in `ditq.prompts.schema`, collecting every problem with its JSON path.
+"""Check a caption against the official Ideogram 4 caption rules, and optionally ditq's stricter lint rules.
 
-    >>> [str(p) for p in validate_caption('{"compositional_deconstruction":{"background":"sky","elements":[]}}')]
-    ['$.compositional_deconstruction.elements: empty-elements: needs at least one element']
+    >>> validate_caption('{"compositional_deconstruction":{"background":"sky","elements":[]}}')
+    []
+    >>> [str(p) for p in validate_caption('{"compositional_deconstruction":{"background":"sky","elements":[]}}',
+    ...                                   level="lint")]
+    ['$.compositional_deconstruction.elements: empty-elements: needs at least one element (lint)']
 
-Each problem names the JSON path (`$.compositional_deconstruction.elements[2].bbox`), a rule id from `RULES` and
-what was expected. Checking goes on after a problem wherever the structure still allows it, so one pass lists them
-all.
+At the default `official` level a caption gets an error exactly where the official verifier warns (see
+`ditq.prompts.rules`); the `lint` level adds ditq's stricter checks. Each problem names the JSON path
+(`$.compositional_deconstruction.elements[2].bbox`), a rule id of `RULES` (with its source) and what was
+expected. Any JSON value, parsed or as text, gives a list of problems and never an exception.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ditq.errors import ConfigError
 from ditq.prompts import schema
+from ditq.prompts.rules import LEVELS, LINT, OFFICIAL, RULES
 
-RULES = {
-    "invalid-json": "the text is not one JSON value",
-    "duplicate-key": "a key appears twice in one object",
-    "wrong-type": "a value has the wrong JSON type",
-    "unknown-key": "a key the caption format does not define here",
-    "missing-key": "a required key is absent",
-    "wrong-order": "keys are present but not in the required order",
-    "photo-and-art-style": "style_description holds both 'photo' and 'art_style'",
-    "empty-string": "a text field is empty or only whitespace",
-    "empty-elements": "compositional_deconstruction.elements is an empty list",
-    "bad-element-type": "an element's type is neither 'obj' nor 'text'",
-    "bad-bbox": "a bbox is not four integers 0-1000 with y_min < y_max and x_min < x_max",
-    "bad-color": "a colour is not an uppercase #RRGGBB string",
-    "too-many-colors": "a palette is longer than allowed (16 for the style, 5 for an element)",
-    "escaped-non-ascii": "non-ASCII written as \\u escapes (warning: the canonical form keeps the characters)",
-    "duplicate-id": "two records of one file share an id (files only)",
-    "missing-caption": "a record has no caption field (files only)",
-}
-
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_HEX_COLOR = re.compile(schema.HEX_COLOR_PATTERN)
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HEX_COLOR = re.compile(r"#[0-9A-F]{6}")
+# A \u escape of a code point above U+007F (the ASCII range itself may be escaped freely).
 _NON_ASCII_ESCAPE = re.compile(r"\\u(?!00[0-7][0-9a-fA-F])[0-9a-fA-F]{4}")
+_STYLE_TEXT_KEYS = ("aesthetics", "lighting", "photo", "medium", "art_style")
 
 
 @dataclass(frozen=True)
 class CaptionProblem:
-    """One broken rule: where (`path`), which rule (`rule`, a key of `RULES`) and a human message."""
+    """One broken rule: where (`path`), which rule (`rule`, a key of `RULES`), a message, and the `level`
+    ("official": the official verifier refuses the caption; "lint": only ditq's stricter checks do)."""
 
     path: str
     rule: str
     message: str
-    severity: str = "error"
+    level: str = OFFICIAL
+
+    @property
+    def source(self) -> str:
+        """Where the rule comes from: "official verifier", "official prompting guide", "ditq lint", ..."""
+        return RULES[self.rule].source
 
     def __str__(self) -> str:
         text = f"{self.path}: {self.rule}: {self.message}"
-        return text if self.severity == "error" else f"{text} ({self.severity})"
+        return text if self.level == OFFICIAL else f"{text} ({self.level})"
 
 
 class CaptionError(ConfigError):
@@ -63,11 +56,10 @@ class CaptionError(ConfigError):
 
     def __init__(self, problems: Sequence[CaptionProblem], where: str = "") -> None:
         self.problems = list(problems)
-        errors = [p for p in self.problems if p.severity == "error"]
         head = f"{where}: " if where else ""
-        shown = "; ".join(str(p) for p in errors[:5])
-        more = f"; ... {len(errors) - 5} more" if len(errors) > 5 else ""
-        super().__init__(f"{head}invalid caption ({len(errors)} problem(s)): {shown}{more}")
+        shown = "; ".join(str(p) for p in self.problems[:5])
+        more = f"; ... {len(self.problems) - 5} more" if len(self.problems) > 5 else ""
+        super().__init__(f"{head}invalid caption ({len(self.problems)} problem(s)): {shown}{more}")
 
 
 class _ParsedObject(dict):
@@ -85,16 +77,26 @@ def _object_pairs(pairs: list[tuple[str, Any]]) -> _ParsedObject:
 
 
 def parse_caption(text: str | bytes) -> Any:
-    """Parse caption text keeping key order and noting duplicate keys; raises `json.JSONDecodeError`."""
+    """Parse caption text keeping key order and noting duplicate keys, as `json.loads` reads it (the last of
+    a repeated key wins). Raises `ValueError` (`json.JSONDecodeError` for malformed text) or `RecursionError`."""
     if isinstance(text, bytes | bytearray):
         text = text.decode("utf-8")
     return json.loads(text, object_pairs_hook=_object_pairs)
 
 
-def _child(path: str, key: str | int) -> str:
-    if isinstance(key, int):
+def _printable(text: str) -> str:
+    """`text` with lone surrogates (which JSON's \\ud800 escapes can produce) escaped, so it can be printed."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _child(path: str, key: Any) -> str:
+    if isinstance(key, int) and not isinstance(key, bool):
         return f"{path}[{key}]"
-    return f"{path}.{key}" if _IDENTIFIER.match(key) else f"{path}[{json.dumps(key, ensure_ascii=False)}]"
+    if isinstance(key, str):
+        if _IDENTIFIER.fullmatch(key):
+            return f"{path}.{key}"
+        return f"{path}[{_printable(json.dumps(key, ensure_ascii=False))}]"
+    return f"{path}[{type(key).__name__} key]"
 
 
 def _type_name(value: Any) -> str:
@@ -102,59 +104,65 @@ def _type_name(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "boolean"
-    for kind, name in (
-        (Mapping, "object"),
-        (list, "array"),
-        (str, "string"),
-        (int, "integer"),
-        (float, "number"),
-    ):
+    for kind, name in ((Mapping, "an object"), (list, "an array"), (str, "a string"), (int, "an integer")):
         if isinstance(value, kind):
             return name
-    return type(value).__name__
+    return "a number" if isinstance(value, float) else type(value).__name__
+
+
+def _show(value: Any) -> str:
+    """A short, safe rendering of a value for a message (containers by kind: they may be deeply nested)."""
+    if isinstance(value, str | int | float | bool) or value is None:
+        text = _printable(json.dumps(value, ensure_ascii=False))
+        return text if len(text) <= 60 else text[:57] + "..."
+    return _type_name(value)
 
 
 class _Checker:
-    def __init__(self) -> None:
+    """One pass over a parsed caption. With `full=False` it follows the official verifier exactly, including
+    where it stops looking; with `full=True` it checks everything, the lint rules included."""
+
+    def __init__(self, full: bool) -> None:
+        self.full = full
         self.problems: list[CaptionProblem] = []
 
-    def add(self, path: str, rule: str, message: str, severity: str = "error") -> None:
-        self.problems.append(CaptionProblem(path, rule, message, severity))
+    def add(self, path: str, rule: str, message: str) -> None:
+        self.problems.append(CaptionProblem(path, rule, message))
 
-    def is_object(self, value: Any, path: str) -> bool:
-        if isinstance(value, Mapping):
+    def is_object(self, value: Any, path: str, what: str) -> bool:
+        if not isinstance(value, Mapping):
+            self.add(path, "wrong-type", f"{what} must be an object, got {_type_name(value)}")
+            return False
+        if self.full:
             for key in getattr(value, "duplicates", ()):
                 self.add(_child(path, key), "duplicate-key", f"key {key!r} appears more than once")
-            return True
-        self.add(path, "wrong-type", f"expected an object, got {_type_name(value)}")
-        return False
+        return True
 
-    def keys(
-        self, obj: Mapping, path: str, order: Sequence[str], optional: frozenset[str], allowed: frozenset[str]
+    def unknown_keys(
+        self, obj: Mapping, path: str, allowed: Sequence[str] | frozenset[str], where: str
     ) -> None:
-        """Unknown keys (outside `allowed`), missing required keys, and the order of the keys of `order` present."""
         for key in obj:
             if key not in allowed:
-                self.add(
-                    _child(path, key),
-                    "unknown-key",
-                    f"{key!r} is not a key here; allowed: {', '.join(order)}",
-                )
-        for key in order:
-            if key not in obj and key not in optional:
-                self.add(path, "missing-key", f"{key!r} is required")
-        present = [key for key in obj if key in order]
-        expected = [key for key in order if key in obj]
-        if present != expected:
-            self.add(
-                path, "wrong-order", f"keys are ({', '.join(present)}), expected ({', '.join(expected)})"
-            )
+                self.add(_child(path, key), "unknown-key", f"{_show(key)} is not a key of {where}")
 
-    def text(self, value: Any, path: str) -> None:
+    def order(self, obj: Mapping, path: str, expected: Sequence[str]) -> None:
+        """Every key of `expected` present (missing-key), in that order (wrong-order)."""
+        for key in expected:
+            if key not in obj:
+                self.add(path, "missing-key", f"{key!r} is required")
+        present = [key for key in obj if key in expected]
+        wanted = [key for key in expected if key in obj]
+        if present != wanted:
+            self.add(path, "wrong-order", f"keys are ({', '.join(present)}), expected ({', '.join(wanted)})")
+
+    def text(self, value: Any, path: str, *, checked_type: bool) -> None:
+        """A string field; `checked_type`: the official verifier checks its type (else that is lint)."""
         if not isinstance(value, str):
-            self.add(path, "wrong-type", f"expected a string, got {_type_name(value)}")
-        elif not value.strip():
-            self.add(path, "empty-string", "must not be empty")
+            if checked_type or self.full:
+                rule = "wrong-type" if checked_type else "not-a-string"
+                self.add(path, rule, f"expected a string, got {_type_name(value)}")
+        elif self.full and not value.strip():
+            self.add(path, "empty-string", "must not be empty or only whitespace")
 
     def palette(self, value: Any, path: str, limit: int) -> None:
         if not isinstance(value, list):
@@ -162,87 +170,104 @@ class _Checker:
             return
         if len(value) > limit:
             self.add(path, "too-many-colors", f"{len(value)} colours, at most {limit} allowed")
+            if not self.full:
+                return
         for i, color in enumerate(value):
-            if not isinstance(color, str) or not _HEX_COLOR.match(color):
-                hint = (
-                    " (use uppercase hex digits)"
-                    if isinstance(color, str) and _HEX_COLOR.match(color.upper())
-                    else ""
-                )
-                self.add(
-                    _child(path, i),
-                    "bad-color",
-                    f"{json.dumps(color, ensure_ascii=False)} is not #RRGGBB{hint}",
-                )
+            if not (isinstance(color, str) and _HEX_COLOR.fullmatch(color)):
+                upper = isinstance(color, str) and _HEX_COLOR.fullmatch(color.upper())
+                hint = " (use uppercase hex digits)" if upper else ""
+                self.add(_child(path, i), "bad-color", f"{_show(color)} is not #RRGGBB{hint}")
 
     def bbox(self, value: Any, path: str) -> None:
         if not isinstance(value, list) or len(value) != 4:
-            self.add(path, "bad-bbox", "expected [y_min, x_min, y_max, x_max]")
+            self.add(path, "bad-bbox", f"expected [y_min, x_min, y_max, x_max], got {_show(value)}")
             return
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            self.add(path, "bad-bbox", f"values must be integers, got {json.dumps(value)}")
+        if not all(isinstance(v, int) for v in value):  # the official check: Python counts true/false as ints
+            shown = ", ".join(_show(v) for v in value)
+            self.add(path, "bad-bbox", f"values must be integers, got [{shown}]")
             return
+        if self.full and any(isinstance(v, bool) for v in value):
+            self.add(path, "bool-in-bbox", "values must be numbers, not true/false")
+        y0, x0, y1, x1 = (int(v) for v in value)
         lo, hi = schema.BBOX_MIN, schema.BBOX_MAX
-        if not all(lo <= v <= hi for v in value):
-            self.add(path, "bad-bbox", f"values must lie in [{lo}, {hi}], got {value}")
-        y0, x0, y1, x1 = value
-        if y0 >= y1:
-            self.add(path, "bad-bbox", f"y_min ({y0}) must be < y_max ({y1})")
-        if x0 >= x1:
-            self.add(path, "bad-bbox", f"x_min ({x0}) must be < x_max ({x1})")
+        if not all(lo <= v <= hi for v in (y0, x0, y1, x1)):
+            self.add(path, "bad-bbox", f"values must lie in [{lo}, {hi}], got {[y0, x0, y1, x1]}")
+        for name, low, high in (("y", y0, y1), ("x", x0, x1)):
+            if low > high:
+                self.add(path, "bad-bbox", f"{name}_min ({low}) must not exceed {name}_max ({high})")
+            elif self.full and low == high:
+                self.add(path, "zero-area-bbox", f"{name}_min equals {name}_max ({low}): the box has no area")
 
     def caption(self, caption: Any) -> None:
         path = "$"
-        if not self.is_object(caption, path):
+        if not self.is_object(caption, path, "a caption"):
             return
-        self.keys(
-            caption,
-            path,
-            schema.TOP_LEVEL_ORDER,
-            frozenset(schema.TOP_LEVEL_ORDER) - set(schema.TOP_LEVEL_REQUIRED),
-            frozenset(schema.TOP_LEVEL_ORDER),
-        )
+        self.unknown_keys(caption, path, schema.TOP_LEVEL_ORDER, "the caption")
+        if self.full:
+            present = [key for key in caption if key in schema.TOP_LEVEL_ORDER]
+            wanted = [key for key in schema.TOP_LEVEL_ORDER if key in caption]
+            if present != wanted:
+                message = f"keys are ({', '.join(present)}), expected ({', '.join(wanted)})"
+                self.add(path, "top-level-order", message)
         if "high_level_description" in caption:
-            self.text(caption["high_level_description"], _child(path, "high_level_description"))
+            hld = caption["high_level_description"]
+            self.text(hld, _child(path, "high_level_description"), checked_type=True)
         if "style_description" in caption:
             self.style(caption["style_description"], _child(path, "style_description"))
         if "compositional_deconstruction" in caption:
-            self.composition(
-                caption["compositional_deconstruction"], _child(path, "compositional_deconstruction")
-            )
+            comp = caption["compositional_deconstruction"]
+            self.composition(comp, _child(path, "compositional_deconstruction"))
+        else:
+            self.add(path, "missing-key", "'compositional_deconstruction' is required")
 
     def style(self, style: Any, path: str) -> None:
-        if not self.is_object(style, path):
+        if not self.is_object(style, path, "style_description"):
             return
+        self.unknown_keys(style, path, schema.STYLE_KEYS, "style_description")
         has_photo, has_art = "photo" in style, "art_style" in style
-        if has_photo and has_art:
-            self.add(
-                path,
-                "photo-and-art-style",
-                "holds both 'photo' and 'art_style'; a photograph has 'photo', anything else 'art_style'",
-            )
+        if has_photo == has_art:
+            if has_photo:
+                message = (
+                    "holds both 'photo' and 'art_style'; a photograph has 'photo', anything else 'art_style'"
+                )
+                self.add(path, "photo-and-art-style", message)
+            else:
+                self.add(path, "missing-key", "needs 'photo' (a photograph) or 'art_style' (anything else)")
+            if not self.full:
+                return
             order = tuple(k for k in schema.STYLE_ORDER_PHOTO if k != "photo")
-            self.keys(style, path, order, schema.STYLE_OPTIONAL, schema.STYLE_KEYS)
-        elif not has_photo and not has_art:
-            self.add(path, "missing-key", "needs 'photo' (a photograph) or 'art_style' (anything else)")
-            order = tuple(k for k in schema.STYLE_ORDER_PHOTO if k != "photo")
-            self.keys(style, path, order, schema.STYLE_OPTIONAL, schema.STYLE_KEYS)
         else:
             order = schema.STYLE_ORDER_PHOTO if has_photo else schema.STYLE_ORDER_ART
-            self.keys(style, path, order, schema.STYLE_OPTIONAL, frozenset(order))
-        for key in ("aesthetics", "lighting", "photo", "medium", "art_style"):
-            if key in style:
-                self.text(style[key], _child(path, key))
+        self.order(style, path, [k for k in order if k not in schema.STYLE_OPTIONAL or k in style])
+        if self.full:
+            for key in _STYLE_TEXT_KEYS:
+                if key in style:
+                    self.text(style[key], _child(path, key), checked_type=False)
         if "color_palette" in style:
             self.palette(style["color_palette"], _child(path, "color_palette"), schema.STYLE_PALETTE_MAX)
 
     def composition(self, comp: Any, path: str) -> None:
-        if not self.is_object(comp, path):
+        if not self.is_object(comp, path, "compositional_deconstruction"):
             return
-        order = schema.COMPOSITION_ORDER
-        self.keys(comp, path, order, frozenset(), frozenset(order))
-        if "background" in comp:
-            self.text(comp["background"], _child(path, "background"))
+        background = comp.get("background")
+        if "background" not in comp:
+            self.add(path, "missing-key", "'background' is required")
+            if not self.full:
+                return
+        elif not isinstance(background, str):
+            message = f"expected a string, got {_type_name(background)}"
+            self.add(_child(path, "background"), "wrong-type", message)
+            if not self.full:
+                return
+        else:
+            self.text(background, _child(path, "background"), checked_type=True)
+        if "elements" not in comp:
+            self.add(path, "missing-key", "'elements' is required")
+            if not self.full:
+                return
+        if "background" in comp and "elements" in comp:
+            self.order(comp, path, schema.COMPOSITION_ORDER)
+        self.unknown_keys(comp, path, schema.COMPOSITION_ORDER, "compositional_deconstruction")
         if "elements" not in comp:
             return
         elements, elements_path = comp["elements"], _child(path, "elements")
@@ -251,126 +276,113 @@ class _Checker:
                 elements_path, "wrong-type", f"expected an array of elements, got {_type_name(elements)}"
             )
             return
-        if not elements:
+        if self.full and not elements:
             self.add(elements_path, "empty-elements", "needs at least one element")
         for i, element in enumerate(elements):
             self.element(element, _child(elements_path, i))
 
     def element(self, element: Any, path: str) -> None:
-        if not self.is_object(element, path):
+        if not self.is_object(element, path, "an element"):
             return
+        self.unknown_keys(element, path, schema.ELEMENT_KEYS, "an element")
         kind = element.get("type")
-        if kind not in schema.ELEMENT_ORDER:
-            if "type" not in element:
-                self.add(path, "missing-key", "'type' is required ('obj' or 'text')")
-            else:
-                self.add(
-                    _child(path, "type"),
-                    "bad-element-type",
-                    f"{json.dumps(kind, ensure_ascii=False)} is not 'obj' or 'text'",
-                )
-            for key in element:
-                if key not in schema.ELEMENT_KEYS:
-                    self.add(_child(path, key), "unknown-key", f"{key!r} is not an element key")
-        else:
+        if "type" not in element:
+            self.add(path, "missing-key", "'type' is required ('obj' or 'text')")
+            kind = None
+        elif not (isinstance(kind, str) and kind in schema.ELEMENT_ORDER):
+            self.add(_child(path, "type"), "bad-element-type", f"{_show(kind)} is not 'obj' or 'text'")
+            kind = None
+        if kind is None and not self.full:
+            return
+        if kind is not None:
             order = schema.ELEMENT_ORDER[kind]
-            self.keys(element, path, order, schema.ELEMENT_OPTIONAL, frozenset(order))
+            self.order(element, path, [k for k in order if k not in schema.ELEMENT_OPTIONAL or k in element])
+            for key in element:
+                if key in schema.ELEMENT_KEYS and key not in order:
+                    self.add(_child(path, key), "unknown-key", f"{key!r} is not a key of an {kind!r} element")
         if "bbox" in element:
             self.bbox(element["bbox"], _child(path, "bbox"))
-        for key in ("text", "desc"):
-            if key in element:
-                self.text(element[key], _child(path, key))
+        if self.full:
+            for key in ("text", "desc"):
+                if key in element:
+                    self.text(element[key], _child(path, key), checked_type=False)
         if "color_palette" in element:
             self.palette(element["color_palette"], _child(path, "color_palette"), schema.ELEMENT_PALETTE_MAX)
 
 
-def validate_caption(caption: Any) -> list[CaptionProblem]:
-    """Every rule `caption` breaks, in document order; an empty list means it is valid.
-
-    `caption` is a parsed object (a `dict`, key order as inserted) or its JSON text. Text is also checked for
-    duplicate keys and for non-ASCII written as `\\u` escapes (a warning: `severity == "warning"`).
-    """
-    checker = _Checker()
-    if isinstance(caption, str | bytes | bytearray):
-        text = caption.decode("utf-8") if isinstance(caption, bytes | bytearray) else caption
+def _parse_for_check(caption: Any) -> tuple[Any, list[CaptionProblem]]:
+    """(parsed caption, problems of the text itself) for text input; (caption, []) otherwise."""
+    if not isinstance(caption, str | bytes | bytearray):
+        return caption, []
+    problems: list[CaptionProblem] = []
+    if isinstance(caption, bytes | bytearray):
         try:
-            caption = parse_caption(text)
-        except json.JSONDecodeError as exc:
-            return [CaptionProblem("$", "invalid-json", f"{exc.msg} at line {exc.lineno} column {exc.colno}")]
-        if _NON_ASCII_ESCAPE.search(text) and text.isascii():
-            checker.add(
-                "$",
-                "escaped-non-ascii",
-                "non-ASCII characters are written as \\u escapes; store them as UTF-8",
-                severity="warning",
-            )
-    checker.caption(caption)
-    return checker.problems
+            caption = bytes(caption).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return None, [
+                CaptionProblem("$", "invalid-json", f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+            ]
+    found = _NON_ASCII_ESCAPE.findall(caption)
+    if found and caption.isascii():
+        examples = ", ".join(sorted(set(found))[:3])
+        message = (
+            f"{len(found)} \\u escape(s) of non-ASCII characters ({examples}) and no literal non-ASCII character: "
+            "the text was written with ensure_ascii=True; store the characters as UTF-8 (ensure_ascii=False)"
+        )
+        problems.append(CaptionProblem("$", "escaped-non-ascii", message))
+    try:
+        return parse_caption(caption), problems
+    except json.JSONDecodeError as exc:
+        message = f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    except RecursionError:
+        message = "nested too deeply to parse"
+    except ValueError as exc:  # e.g. an integer literal longer than Python's digit limit
+        message = str(exc).split(";")[0]
+    return None, [*problems, CaptionProblem("$", "invalid-json", message)]
 
 
-def is_valid_caption(caption: Any) -> bool:
-    """True when `validate_caption` finds no error (warnings allowed)."""
-    return not any(p.severity == "error" for p in validate_caption(caption))
+def validate_caption(caption: Any, *, level: str = OFFICIAL) -> list[CaptionProblem]:
+    """Every rule `caption` breaks; an empty list means it is valid at `level`.
+
+    `caption` is a parsed object (a mapping, key order as inserted), its JSON text (`str` or UTF-8 `bytes`), or any
+    other value (refused as not an object). Text is also checked for non-ASCII written only as `\\u` escapes.
+    level: "official" (the default): exactly the official verifier's findings; "lint": those, then ditq's stricter
+    findings (`CaptionProblem.level == "lint"`).
+    """
+    if level not in LEVELS:
+        raise ConfigError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
+    parsed, problems = _parse_for_check(caption)
+    if any(p.rule == "invalid-json" for p in problems):
+        return problems
+    official = _Checker(full=False)
+    official.caption(parsed)
+    problems += official.problems
+    if level == LINT:
+        seen = {(p.path, p.rule, p.message) for p in problems}
+        full = _Checker(full=True)
+        full.caption(parsed)
+        for p in full.problems:
+            if (p.path, p.rule, p.message) not in seen:
+                seen.add((p.path, p.rule, p.message))
+                problems.append(CaptionProblem(p.path, p.rule, p.message, LINT))
+    return problems
 
 
-def check_caption(caption: Any, where: str = "") -> dict[str, Any]:
+def is_valid_caption(caption: Any, *, level: str = OFFICIAL) -> bool:
+    """True when `validate_caption(caption, level=level)` finds nothing."""
+    return not validate_caption(caption, level=level)
+
+
+def check_caption(caption: Any, where: str = "", *, level: str = OFFICIAL) -> dict[str, Any]:
     """The raising variant: return the parsed caption, or raise `CaptionError` (a `ConfigError`) listing every
-    problem; `where` (e.g. `"prompts.jsonl:12"`) prefixes the message."""
-    problems = validate_caption(caption)
-    if any(p.severity == "error" for p in problems):
+    problem at `level`; `where` (e.g. `"prompts.jsonl:12"`) prefixes the message."""
+    problems = validate_caption(caption, level=level)
+    if problems:
         raise CaptionError(problems, where)
     return parse_caption(caption) if isinstance(caption, str | bytes | bytearray) else dict(caption)
 
 
-@dataclass(frozen=True)
-class LineProblem:
-    """A problem found in a JSONL file: 1-based line number, the record id when the line has one, the problem."""
-
-    line: int
-    record_id: str
-    problem: CaptionProblem
-
-
-def validate_caption_file(path: str | Path, field: str = "caption") -> Iterator[LineProblem]:
-    """Every problem in a JSONL file of captions, line by line; paths are relative to each caption.
-
-    A line is either a caption itself or a record (an object with an `id`) whose `field` holds the caption, as an
-    object or as JSON text. Malformed lines and repeated ids are reported too; reading goes on to the end.
-    """
-    path = Path(path)
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    first_seen: dict[str, int] = {}
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = parse_caption(line)
-            except json.JSONDecodeError as exc:
-                yield LineProblem(
-                    number, "", CaptionProblem("$", "invalid-json", f"{exc.msg} at column {exc.colno}")
-                )
-                continue
-            record_id = obj.get("id") if isinstance(obj, Mapping) and isinstance(obj.get("id"), str) else ""
-            if record_id:
-                if record_id in first_seen:
-                    message = f"id {record_id!r} already used on line {first_seen[record_id]}"
-                    yield LineProblem(number, record_id, CaptionProblem("$.id", "duplicate-id", message))
-                else:
-                    first_seen[record_id] = number
-            if isinstance(obj, Mapping) and field in obj:
-                caption = obj[field]
-            elif record_id:
-                yield LineProblem(
-                    number,
-                    record_id,
-                    CaptionProblem("$", "missing-caption", f"record has no {field!r} field"),
-                )
-                continue
-            else:
-                caption = obj
-            for problem in validate_caption(caption):
-                yield LineProblem(number, record_id, problem)
+def reply_problems(text: str) -> list[CaptionProblem]:
+    """Both levels' problems of a caption written by an expander's model, except what ditq's canonical
+    re-serialization fixes itself (`\\u` escapes: `canonical_json` writes the characters)."""
+    return [p for p in validate_caption(text, level=LINT) if p.rule != "escaped-non-ascii"]

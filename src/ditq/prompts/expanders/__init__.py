@@ -1,8 +1,8 @@
 """Expanders turn a prompt record into a validated Ideogram 4 caption; `EXPANDERS` picks one by name.
 
 Each registered object is a class called with keyword options (`EXPANDERS.get("openai")(base_url=...)`) that
-builds an `Expander`. Every expander returns only captions that pass `ditq.prompts.validate_caption`, as
-canonical JSON text, or raises `ExpanderError`.
+builds an `Expander`. Every expander returns only captions that pass `ditq.prompts.validate_caption` at both
+levels (official and lint), as canonical JSON text, or raises `ExpanderError`.
 
 - `template`: offline and deterministic, from the record's fields (`ditq.prompts.expanders.template`).
 - `openai`: any OpenAI-compatible chat endpoint with structured output (`ditq.prompts.expanders.openai_chat`).

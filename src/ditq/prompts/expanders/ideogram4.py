@@ -4,9 +4,10 @@ The enhancer is diffusers' graft of the `prompt_enhancer_head` onto the head-les
 (`build_prompt_enhancer`), prompted with diffusers' own caption system message, as `Ideogram4Pipeline` does. The
 difference is the constraint: instead of diffusers' small pydantic model, outlines decodes against
 `generation_json_schema()` - the full caption format (style block with photo / art-style variants, palettes) with
-its key orders - so every finished output passes `validate_caption` by construction. `max_string_length` and
-`max_elements` bound the output so that it finishes within `max_new_tokens`, even for random weights; an output
-cut off by the token budget is the only way to fail, and it is retried with another seed.
+its key orders - so every finished output passes `validate_caption` at both levels by construction.
+`max_string_length` and `max_elements` bound the output so that it finishes within `max_new_tokens`, even for
+random weights; an output cut off by the token budget is the only way to fail, and it is retried with another
+seed.
 
 torch, transformers, diffusers and outlines are imported only when an expander is built.
 """
@@ -22,7 +23,7 @@ from ditq.errors import ConfigError
 from ditq.prompts.expanders import EXPANDERS, ExpanderError
 from ditq.prompts.records import PromptRecord
 from ditq.prompts.schema import canonical_json, generation_json_schema
-from ditq.prompts.validate import parse_caption, validate_caption
+from ditq.prompts.validate import parse_caption, reply_problems
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ class Ideogram4Expander:
         outputs = self.generate(record.prompt, n=n, seed=_record_seed(self.seed, record.id, 0))
         captions = []
         for i, text in enumerate(outputs):
-            problems = [p for p in validate_caption(text) if p.severity == "error"]
+            problems = reply_problems(text)
             if problems:
                 raise ExpanderError(
                     f"prompt {record.id!r}: sample {i} is not a valid caption after {self.max_new_tokens} new tokens "
@@ -186,7 +187,7 @@ class Ideogram4Expander:
         last = ""
         for attempt in range(self.attempts):
             (text,) = self.generate(record.prompt, n=1, seed=_record_seed(self.seed, record.id, attempt))
-            problems = [p for p in validate_caption(text) if p.severity == "error"]
+            problems = reply_problems(text)
             if not problems:
                 return canonical_json(parse_caption(text))
             last = str(problems[0])

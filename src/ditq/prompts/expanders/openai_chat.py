@@ -29,7 +29,7 @@ from ditq.prompts.expanders import EXPANDERS, ExpanderError
 from ditq.prompts.records import PromptRecord
 from ditq.prompts.schema import canonical_json, caption_json_schema
 from ditq.prompts.spec import caption_instructions, repair_message, user_message
-from ditq.prompts.validate import parse_caption, validate_caption
+from ditq.prompts.validate import parse_caption, reply_problems
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class OpenAIChatExpander:
         for turn in range(self.repairs + 1):
             content, finish_reason = self._post(messages, record.id)
             text = strip_fences(content)
-            problems = [p for p in validate_caption(text) if p.severity == "error"]
+            problems = reply_problems(text)
             if not problems:
                 if turn:
                     log.info("prompt %s: valid after %d repair turn(s)", record.id, turn)

@@ -291,4 +291,6 @@ class TemplateExpander:
 
     def expand(self, record: PromptRecord) -> str:
         """Canonical caption JSON; raises `CaptionError` if the fields make an invalid caption (bad colours...)."""
-        return canonical_json(check_caption(self.caption(record), where=f"prompt {record.id!r}"))
+        return canonical_json(
+            check_caption(self.caption(record), where=f"prompt {record.id!r}", level="lint")
+        )
