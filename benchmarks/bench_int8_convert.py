@@ -42,9 +42,9 @@ def write_checkpoint(folder: Path, cfg: dict) -> int:
     import torch
     from torch import nn
 
-    from ditq.interop.keys import split_to_fused
+    from ditq.formats.fp8 import quantize_fp8_rowwise
+    from ditq.formats.keys import split_to_fused
     from ditq.io.safetensors_io import StreamingSafetensorsWriter
-    from ditq.quant.formats.fp8 import quantize_fp8_rowwise
 
     model = build_meta(cfg)
     folder.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ def tensor_specs(model) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """Official fused name -> (dtype, shape) of every tensor of the FP8 checkpoint, weight before its scale."""
     from torch import nn
 
-    from ditq.interop.keys import split_to_fused
+    from ditq.formats.keys import split_to_fused
 
     linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     split: dict[str, torch.Tensor] = {}

@@ -134,7 +134,7 @@ def test_comfyui_fp8_scaled_and_mixed(
 def test_comfyui_int8_plain_and_convrot(
     tiny_fp8_dir, float_states, tiny_pipe, transformer_inputs, tmp_path, generate_image, source_image
 ):
-    from ditq.interop.convrot import ConvRotInt8Linear
+    from ditq.formats.convrot import ConvRotInt8Linear
 
     plain, rotated = tmp_path / "ideogram4_int8.safetensors", tmp_path / "ideogram4_int8_convrot.safetensors"
     write_comfy_int8(float_states["transformer"], plain, convrot=False)
@@ -163,7 +163,7 @@ def test_comfyui_int8_plain_and_convrot(
 
 def test_convrot_layer_matches_an_independent_w8a8_computation():
     """x -> x R (regular Hadamard per group of 256) -> per-token int8 -> integer GEMM -> both scales: exact."""
-    from ditq.interop.convrot import ConvRotInt8Linear
+    from ditq.formats.convrot import ConvRotInt8Linear
 
     g = torch.Generator().manual_seed(5)
     w = torch.randn(48, 512, generator=g, dtype=torch.float64)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ditq.formats.fp8 import Fp8Linear
 from ditq.models.loading import load_pipeline
 from ditq.models.sampling import generate
-from ditq.quant.formats.fp8 import Fp8Linear
 
 
 def _reference_state(path, linear_modules):
@@ -106,7 +106,7 @@ def test_fp8_linear_matches_bf16_dequantized_reference(tiny_fp8_dir):
 
 
 def test_fp8_scaled_mm_path_matches_quantized_activation_reference():
-    from ditq.quant.formats.fp8 import FP8_MAX, quantize_fp8_rowwise
+    from ditq.formats.fp8 import FP8_MAX, quantize_fp8_rowwise
 
     g = torch.Generator().manual_seed(1)
     w = torch.randn(48, 64, generator=g)

@@ -195,7 +195,7 @@ def test_q4_k_pipeline_loads_and_generates_close_to_fp8(q4k_dir, tiny_settings, 
 
 @pytest.mark.parametrize("qtype", [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0])
 def test_gguf_linear_weight_is_gguf_py_decoding_bit_for_bit(qtype):
-    from ditq.quant.formats.gguf import GGUFLinear
+    from ditq.formats.gguf import GGUFLinear
 
     rng = np.random.default_rng(int(qtype))
     x = (rng.standard_normal((48, 512)) * 0.02).astype(np.float32)

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from ditq.errors import CheckpointError
-from ditq.interop.keys import split_to_fused
+from ditq.formats.base import detect_format
+from ditq.formats.int8 import MARKER, Int8TensorwiseFormat, marker_tensor
+from ditq.formats.keys import split_to_fused
 from ditq.io.safetensors_io import TensorSource, save_safetensors
 from ditq.models.loading import load_transformer
 from ditq.models.official import fp8_state_dict
-from ditq.quant.formats.base import detect_format
-from ditq.quant.formats.int8 import MARKER, Int8TensorwiseFormat, marker_tensor
 from ditq.quant.int8 import Int8Linear, Int8W8A8Config, convert_transformer_int8, quantize_
 from ditq.quant.int8.calibrate import synthetic_inputs
 

@@ -11,7 +11,7 @@ import torch
 
 from ditq.cli import main
 from ditq.errors import ConfigError
-from ditq.interop.keys import split_to_fused
+from ditq.formats.keys import split_to_fused
 from ditq.io.safetensors_io import save_safetensors
 from ditq.models.official import fp8_state_dict
 from ditq.quant.int8 import Int8W8A8Config, SmoothQuantConfig, quantize_

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ditq.errors import CheckpointError
-from ditq.interop.convrot import is_power_of_four
-from ditq.interop.keys import COMFY_PREFIXES, detect_layout, find_prefix, fused_module_name
+from ditq.formats.convrot import is_power_of_four
+from ditq.formats.keys import COMFY_PREFIXES, detect_layout, find_prefix, fused_module_name
 from ditq.interop.layouts import COMFY_MARKER, COMFYUI_GGUF_SIGNATURE, QUANT_METADATA_KEY, SDCPP_SIGNATURE
 
 SDCPP = "stable-diffusion.cpp"

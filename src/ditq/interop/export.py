@@ -25,8 +25,8 @@ import numpy as np
 from gguf import GGUFValueType
 
 from ditq.errors import CheckpointError, ConfigError
+from ditq.formats.keys import detect_layout, strip_prefix
 from ditq.interop.checkers import Violation, check_gguf, check_int8
-from ditq.interop.keys import detect_layout, strip_prefix
 from ditq.interop.layouts import QUANT_METADATA_KEY, read_checkpoint
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ What lands in `transformer/` per layout:
   scales (`scale_input` / `input_scale`, used by FP8 matmuls) dropped, prefix removed.
 - `comfyui-int8`: rewritten losslessly: prefix removed, a `comfy_quant` marker for every int8 layer (taken from
   `_quantization_metadata` where the file has no per-layer marker). ConvRot layers keep their rotated weights and
-  run with the rotation applied to activations (`ditq.interop.convrot`).
+  run with the rotation applied to activations (`ditq.formats.convrot`).
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def _rewrite_comfy_fp8(ckpt: Checkpoint, out: Path) -> Imported:
 
 
 def _rewrite_comfy_int8(ckpt: Checkpoint, out: Path) -> Imported:
-    from ditq.quant.formats.int8 import marker_tensor
+    from ditq.formats.int8 import marker_tensor
 
     prefix = ckpt.prefix
     bare = ckpt.bare()

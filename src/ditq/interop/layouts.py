@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ditq.errors import CheckpointError
-from ditq.interop.keys import COMFY_PREFIXES, detect_layout, find_prefix
+from ditq.formats.keys import COMFY_PREFIXES, detect_layout, find_prefix
 
 SCALE_SUFFIXES = ("weight_scale", "scale_weight")
 NF4_STATE = ".weight.quant_state.bitsandbytes__nf4"

@@ -30,8 +30,8 @@ def _meta_components(folder: Path) -> dict:
 
 def predict_gguf_bytes(model, recipe_name: str) -> int:
     """Bytes of the tensors a GGUF recipe writes for `model` (built on meta), from the recipe's own type rule."""
+    from ditq.formats.keys import split_to_fused
     from ditq.gguf import tensor_bytes
-    from ditq.interop.keys import split_to_fused
     from ditq.quant.recipes.gguf import GGUFRecipe, storage_type
 
     recipe = GGUFRecipe(name=recipe_name)

@@ -168,7 +168,7 @@ def open_weights(folder: Path):
     """A tensor source for a component folder: safetensors (single or sharded) or one GGUF file."""
     ggufs = sorted(folder.glob("*.gguf"))
     if ggufs:
-        from ditq.quant.formats.gguf import GGUFSource
+        from ditq.formats.gguf import GGUFSource
 
         return GGUFSource(ggufs[0])
     return TensorSource(folder)

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ditq.interop.keys import split_to_fused
+from ditq.formats.fp8 import quantize_fp8_rowwise
+from ditq.formats.keys import split_to_fused
 from ditq.io.safetensors_io import save_safetensors
-from ditq.quant.formats.fp8 import quantize_fp8_rowwise
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from ditq.errors import CheckpointError
-from ditq.interop.keys import detect_layout, fused_to_split, strip_prefix
-from ditq.quant.formats import load_all_formats
-from ditq.quant.formats.base import LinearFormat, all_extra_suffixes, detect_format
+from ditq.formats import load_all_formats
+from ditq.formats.base import LinearFormat, all_extra_suffixes, detect_format
+from ditq.formats.keys import detect_layout, fused_to_split, strip_prefix
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,11 @@
 
 from __future__ import annotations
 
+from ditq.formats.int8 import Int8Linear
+from ditq.formats.int8_ops import quantize_per_token, quantize_weight_per_channel
 from ditq.quant.int8.calibrate import CalibrationRecorder, CalibrationStats, calibrate_pipeline, importance
 from ditq.quant.int8.config import DEFAULT_PROTECT, Int8W8A8Config, SmoothQuantConfig, quantize_
 from ditq.quant.int8.convert import ConvertReport, convert_transformer_int8, quantize_pipeline_int8
-from ditq.quant.int8.linear import Int8Linear, quantize_per_token, quantize_weight_per_channel
 from ditq.quant.int8.sensitivity import (
     FragilityRow,
     ProtectBudget,

@@ -32,7 +32,7 @@ from torch import nn
 
 from ditq import __version__
 from ditq.errors import CheckpointError, ConfigError
-from ditq.interop.keys import split_module_name
+from ditq.formats.keys import split_module_name
 from ditq.io.safetensors_io import TensorSource, save_safetensors
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from ditq.errors import ConfigError
-from ditq.interop.keys import fused_module_name
+from ditq.formats.int8 import KERNELS, Int8Linear
+from ditq.formats.keys import fused_module_name
 from ditq.quant.int8.calibrate import DEFAULT_BUCKETS, CalibrationRecorder, CalibrationStats, is_linear_like
-from ditq.quant.int8.linear import KERNELS, Int8Linear
 from ditq.quant.int8.smoothquant import SEARCH_ROWS, AlphaChoice, SmoothGroup, fold_into_norm, search_alpha
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ Peak memory is about the largest single weight in float32 plus its int8 copy, no
 plain file reads rather than through a memory map, so the pages of a 9 GB source do not pile up in the process.
 
 Output: `diffusion_pytorch_model.safetensors` in ComfyUI's `comfy_quant` INT8 layout (see
-`ditq.quant.formats.int8`), official fused names, and `config.json`; the recipe is in the metadata under
+`ditq.formats.int8`), official fused names, and `config.json`; the recipe is in the metadata under
 `ditq.recipe`.
 """
 
@@ -29,12 +29,13 @@ import numpy as np
 import torch
 
 from ditq.errors import CheckpointError, ConfigError
-from ditq.interop.keys import detect_layout, fused_module_name, split_to_fused, strip_prefix
+from ditq.formats.fp8 import SCALE_ALIASES
+from ditq.formats.int8 import QUANT_METADATA_KEY, marker_tensor, quantization_metadata
+from ditq.formats.int8_ops import quantize_weight_per_channel
+from ditq.formats.keys import detect_layout, fused_module_name, split_to_fused, strip_prefix
 from ditq.io.files import link_or_copy, link_or_copy_tree
 from ditq.io.safetensors_io import StreamingSafetensorsWriter, TensorInfo, TensorSource
 from ditq.models.weights import group_by_module
-from ditq.quant.formats.fp8 import SCALE_ALIASES
-from ditq.quant.formats.int8 import QUANT_METADATA_KEY, marker_tensor, quantization_metadata
 from ditq.quant.int8.calibrate import CalibrationStats, fingerprint
 from ditq.quant.int8.config import (
     GroupDecision,
@@ -44,7 +45,6 @@ from ditq.quant.int8.config import (
     protected_set,
     recipe_dict,
 )
-from ditq.quant.int8.linear import quantize_weight_per_channel
 from ditq.quant.int8.smoothquant import _blocks, fold_into_norm, smooth_groups
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ditq.errors import ConfigError
-from ditq.interop.keys import fused_module_name
-from ditq.quant.formats.int8 import marker_bytes
+from ditq.formats.int8 import Int8Linear, marker_bytes
+from ditq.formats.keys import fused_module_name
 from ditq.quant.int8.calibrate import CalibrationStats, is_linear_like, probe_inputs
 from ditq.quant.int8.config import (
     DEFAULT_PROTECT,
@@ -36,7 +36,6 @@ from ditq.quant.int8.config import (
     float_weight,
     is_protected,
 )
-from ditq.quant.int8.linear import Int8Linear
 from ditq.quant.int8.smoothquant import smooth_groups, w8a8_relative_error
 
 log = logging.getLogger(__name__)

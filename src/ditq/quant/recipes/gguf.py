@@ -32,7 +32,7 @@ from gguf import LlamaFileType
 
 from ditq import __version__
 from ditq.errors import CheckpointError, ConfigError
-from ditq.interop.keys import fused_module_name, strip_prefix
+from ditq.formats.keys import fused_module_name, strip_prefix
 from ditq.io.safetensors_io import TensorSource
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def storage_type(name: str, shape: tuple[int, ...], recipe: GGUFRecipe) -> tuple
 def fused_sources(source: TensorSource) -> dict[str, list[str]]:
     """{official fused output name: the stored keys it is made of (q, k, v parts of a split layout)}, skipping
     the FP8 scales and ComfyUI markers that travel with weights; a source already integer-quantized is refused."""
-    from ditq.interop.keys import detect_layout
+    from ditq.formats.keys import detect_layout
 
     names = [strip_prefix(k) for k in source.keys()]
     raw = dict(zip(names, source.keys(), strict=True))

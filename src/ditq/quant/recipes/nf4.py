@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from ditq import __version__
+from ditq.formats.nf4 import encode_state, quantize_nf4_pieces
 from ditq.io.safetensors_io import StreamingSafetensorsWriter, TensorSource
-from ditq.quant.formats.nf4 import encode_state, quantize_nf4_pieces
 from ditq.quant.recipes.gguf import float_rows, fused_sources, read_float
 
 BLOCKSIZE = 64

@@ -10,17 +10,18 @@ row-wise scales, as FP8-capable GPUs do.
 from __future__ import annotations
 
 import logging
+from functools import cache
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ditq.errors import CheckpointError
-from ditq.quant.formats.base import LinearFormat, register_format
+from ditq.errors import CheckpointError, ConfigError
+from ditq.formats.base import LinearFormat, QuantizedLinear, register_format
 
 log = logging.getLogger(__name__)
 FP8_MAX = 448.0
 SCALE_ALIASES = ("weight_scale", "scale_weight")
+COMPUTE = ("dequant", "scaled_mm")
 
 
 def quantize_fp8_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +36,12 @@ def dequantize_fp8_rowwise(weight: torch.Tensor, scale: torch.Tensor) -> torch.T
     return weight.float() * scale.float().reshape(-1)[:, None]
 
 
-class Fp8Linear(nn.Module):
+def weight_bytes(out_features: int, in_features: int) -> int:
+    """Stored bytes of one FP8 Linear weight: E4M3 [N, K] + fp32 scale [N]."""
+    return out_features * in_features + 4 * out_features
+
+
+class Fp8Linear(QuantizedLinear):
     """Linear layer with a resident E4M3 weight [N, K] and fp32 per-row scales [N]."""
 
     def __init__(
@@ -46,7 +52,6 @@ class Fp8Linear(nn.Module):
         compute_dtype: torch.dtype = torch.bfloat16,
         compute: str = "dequant",
     ) -> None:
-        super().__init__()
         if weight.dtype != torch.float8_e4m3fn or weight.ndim != 2:
             raise CheckpointError(
                 f"FP8 weight must be float8_e4m3fn [N, K], got {weight.dtype} {list(weight.shape)}"
@@ -56,33 +61,35 @@ class Fp8Linear(nn.Module):
             raise CheckpointError(
                 f"weight_scale has {scale.numel()} values, expected one per output row ({weight.shape[0]})"
             )
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight)
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("bias", None if bias is None else bias.to(compute_dtype))
-        self.compute_dtype = compute_dtype
+        if compute not in COMPUTE:
+            raise ConfigError(f"FP8 compute must be one of {COMPUTE}, got {compute!r}")
+        super().__init__(weight.shape[1], weight.shape[0], compute_dtype)
+        self.store("weight", weight)
+        self.store("weight_scale", scale)
+        self.set_bias(bias)
         self.compute = compute
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or self.compute_dtype
-        return (self.weight.to(dtype) * self.weight_scale.to(dtype)[:, None]).to(dtype)
+        w, scale = self.stored("weight"), self.stored("weight_scale")
+        return (w.to(dtype) * scale.to(dtype)[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.compute == "scaled_mm":
             return self._forward_scaled_mm(x)
-        w = self.dequantized_weight(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias_as(x.dtype))
 
     def _forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+        check_scaled_mm_device(x.device)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
         xq = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         out = torch._scaled_mm(
             xq,
-            self.weight.t(),
+            self.stored("weight").t(),
             scale_a=x_scale,
-            scale_b=self.weight_scale[None, :].contiguous(),
+            scale_b=self.stored("weight_scale")[None, :].contiguous(),
             out_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16,
         ).to(x.dtype)
         if self.bias is not None:
@@ -91,6 +98,24 @@ class Fp8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3 rowwise, {self.compute}"
+
+
+def check_scaled_mm_device(device: torch.device) -> None:
+    """`torch._scaled_mm` needs FP8 tensor cores on CUDA (compute capability 8.9+: Ada, Hopper, Blackwell)."""
+    if device.type == "cuda":
+        _check_cuda_fp8(torch.device(device).index or torch.cuda.current_device())
+
+
+@cache
+def _check_cuda_fp8(index: int) -> None:
+    device = torch.device("cuda", index)
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(
+            f"--fp8-compute scaled_mm needs FP8 tensor cores (compute capability 8.9 or newer); {name} is "
+            f"{major}.{minor}: use --fp8-compute dequant (the default)"
+        )
 
 
 @register_format

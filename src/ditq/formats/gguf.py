@@ -8,16 +8,18 @@ dtype. diffusers 0.42.1 has no single-file/GGUF loading path for Ideogram 4, so 
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from torch import nn
+from gguf import GGMLQuantizationType as Q
 
 from ditq.errors import CheckpointError
-from ditq.quant.formats.base import LinearFormat, register_format
+from ditq.formats.base import LinearFormat, QuantizedLinear, register_format
 
 QTYPE_SUFFIX = "gguf_qtype"
 _FLOAT_TYPES = {
@@ -42,27 +44,72 @@ def dequantize_rows(raw: torch.Tensor, qtype: GGMLQuantizationType, dtype: torch
     return out.reshape(rows, -1).to(dtype)
 
 
-class GGUFLinear(nn.Module):
-    """Linear layer whose weight stays in a ggml block format (Q8_0, Q2_K ... Q6_K)."""
+# stable-diffusion.cpp's Ideogram 4 conversion rule: the weights it quantizes (official fused names)
+QUANTIZED = re.compile(
+    r"^layers\.\d+\.(adaln_modulation|attention\.qkv|attention\.o|feed_forward\.w[123])\.weight$"
+)
+# the `_m` mixes move these one level up (the fused qkv holds v; w2 is the feed-forward down projection)
+MIX_UP = re.compile(r"^layers\.\d+\.(attention\.qkv|feed_forward\.w2)\.weight$")
+LEVEL_UP = {
+    Q.Q2_K: Q.Q3_K,
+    Q.Q3_K: Q.Q4_K,
+    Q.Q4_K: Q.Q5_K,
+    Q.Q5_K: Q.Q6_K,
+    Q.Q6_K: Q.Q8_0,
+    Q.Q8_0: Q.Q8_0,
+}
+BLOCK = {Q.Q8_0: 32, Q.Q2_K: 256, Q.Q3_K: 256, Q.Q4_K: 256, Q.Q5_K: 256, Q.Q6_K: 256}
+SMALL_TENSOR = 1024  # ComfyUI-GGUF keeps 1-D tensors and tensors of at most this many elements in F32
+
+
+def tensor_type(
+    name: str, shape: tuple[int, ...], base: Q, *, mix: bool = False, quantize_all: bool = False
+) -> tuple[Q, str]:
+    """The GGUF type of one tensor (official fused name) and a note when it fell back: the one rule that the GGUF
+    writer, `ditq inspect` and `ditq plan` share.
+
+    1-D and small tensors are F32; the weights of sd.cpp's rule (all 2-D weights with `quantize_all`) get `base`
+    (one level up under `mix` for qkv and w2), falling back to Q8_0 when the row length is not a multiple of the
+    type's block and to BF16 when not even of 32; every other tensor is BF16.
+    """
+    numel = math.prod(shape) if shape else 1
+    if len(shape) <= 1 or numel <= SMALL_TENSOR:
+        return Q.F32, ""
+    if not (QUANTIZED.match(name) or (quantize_all and len(shape) == 2 and name.endswith(".weight"))):
+        return Q.BF16, ""
+    wanted = LEVEL_UP[base] if mix and MIX_UP.match(name) else base
+    for qtype in (wanted, Q.Q8_0):
+        if shape[-1] % BLOCK[qtype] == 0:
+            note = "" if qtype == wanted else f"row length {shape[-1]} is not a multiple of {BLOCK[wanted]}"
+            return qtype, note
+    return Q.BF16, f"row length {shape[-1]} is not a multiple of 32"
+
+
+def stored_bytes(qtype: Q, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of logical `shape` stored as `qtype`."""
+    from ditq.gguf import tensor_bytes
+
+    return tensor_bytes(qtype, tuple(shape) or (1,))
+
+
+class GGUFLinear(QuantizedLinear):
+    """Linear layer whose weight stays in a ggml block format (Q8_0, Q2_K ... Q6_K): storage `weight` uint8
+    [rows, row_bytes]; dequantized per forward into the input's dtype."""
 
     def __init__(
         self, raw: torch.Tensor, qtype: GGMLQuantizationType, bias: torch.Tensor | None, compute_dtype
     ):
-        super().__init__()
         block, type_size = GGML_QUANT_SIZES[qtype]
+        super().__init__(raw.shape[1] // type_size * block, raw.shape[0], compute_dtype)
         self.qtype = GGMLQuantizationType(qtype)
-        self.out_features = raw.shape[0]
-        self.in_features = raw.shape[1] // type_size * block
-        self.register_buffer("weight", raw.contiguous())
-        self.register_buffer("bias", None if bias is None else bias.to(compute_dtype))
-        self.compute_dtype = compute_dtype
+        self.store("weight", raw.contiguous())
+        self.set_bias(bias)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_rows(self.weight, self.qtype, dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized_weight(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias_as(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.qtype.name}"

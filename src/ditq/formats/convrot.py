@@ -22,7 +22,7 @@ from functools import cache
 import torch
 
 from ditq.errors import CheckpointError
-from ditq.quant.int8.linear import Int8Linear
+from ditq.formats.int8 import Int8Linear
 
 H4 = ((1, 1, 1, -1), (1, 1, -1, 1), (1, -1, 1, 1), (-1, 1, 1, 1))
 
@@ -88,8 +88,9 @@ class ConvRotInt8Linear(Int8Linear):
         bias: torch.Tensor | None = None,
         group_size: int = 256,
         kernel: str = "auto",
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(qweight, weight_scale, bias, kernel=kernel)
+        super().__init__(qweight, weight_scale, bias, kernel=kernel, compute_dtype=compute_dtype)
         if not is_power_of_four(group_size):
             raise CheckpointError(
                 f"ConvRot group size {group_size} is not a power of 4 (4, 16, 64, 256, ...)"
@@ -100,8 +101,10 @@ class ConvRotInt8Linear(Int8Linear):
             )
         self.group_size = group_size
 
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return rotate(super().dequantized_weight(torch.float32), self.group_size).to(dtype)
+    def dequantized_weight(self, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        return rotate(super().dequantized_weight(torch.float32), self.group_size).to(
+            dtype or self.compute_dtype
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(rotate(x.float(), self.group_size)).to(x.dtype)

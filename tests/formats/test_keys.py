@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from ditq.errors import CheckpointError
-from ditq.interop.keys import (
+from ditq.formats.gguf import QTYPE_SUFFIX, GGUFBlockFormat
+from ditq.formats.int8 import Int8TensorwiseFormat, marker_tensor
+from ditq.formats.keys import (
     add_prefix,
     detect_layout,
     find_prefix,
@@ -18,9 +20,7 @@ from ditq.interop.keys import (
     split_to_fused,
     strip_prefix,
 )
-from ditq.quant.formats.gguf import QTYPE_SUFFIX, GGUFBlockFormat
-from ditq.quant.formats.int8 import Int8TensorwiseFormat, marker_tensor
-from ditq.quant.formats.nf4 import NF4Format
+from ditq.formats.nf4 import NF4Format
 
 H, K = 8, 64
 

@@ -1,4 +1,4 @@
-"""INT8 W8A8 linear layer: int8 weights with one fp32 scale per output channel, int8 activations with one scale per
+"""INT8 W8A8 arithmetic: int8 weights with one fp32 scale per output channel, int8 activations with one scale per
 token computed at run time, an int32-accumulating GEMM (`torch._int_mm`), then rescale and bias.
 
 For a token x [K] and output channel n with weight row w_n [K]::
@@ -26,9 +26,6 @@ from functools import cache
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from ditq.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +129,7 @@ def _int_mm_works(device_type: str) -> bool:
 @cache
 def _numba_kernels():
     try:
-        from ditq.quant.int8 import _kernels
+        from ditq.formats import _int8_numba as _kernels
     except ImportError as exc:  # pragma: no cover - numba is a declared dependency
         log.warning("numba kernels unavailable (%s); using torch ops on CPU", exc)
         return None
@@ -165,146 +162,49 @@ def rescale(
     return y.to(out_dtype)
 
 
-class Int8Linear(nn.Module):
-    """A Linear computing `x @ W.T + b` in W8A8.
-
-    Buffers: `qweight_t` int8 [K, N] (the transposed weight, contiguous: the layout `torch._int_mm` is fastest
-    with), `weight_scale` fp32 [N], `bias` fp32 [N] or None, `inv_smooth` fp32 [K] or None (1 / smoothing
-    vector). Scales, bias and smoothing stay float32 whatever `.to(dtype)` is applied to the model.
-    """
-
-    _FP32_BUFFERS = ("weight_scale", "bias", "inv_smooth")
-
-    def __init__(
-        self,
-        qweight: torch.Tensor,
-        weight_scale: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        smooth: torch.Tensor | None = None,
-        kernel: str = "auto",
-    ) -> None:
-        super().__init__()
-        if qweight.dtype != torch.int8 or qweight.ndim != 2:
-            raise CheckpointError(
-                f"INT8 weight must be int8 [N, K], got {qweight.dtype} {list(qweight.shape)}"
-            )
-        if kernel not in KERNELS:
-            raise ConfigError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-        n, k = qweight.shape
-        scale = weight_scale.float().reshape(-1)
-        if scale.numel() == 1 and n != 1:
-            scale = scale.expand(n).clone()
-        if scale.numel() != n:
-            raise CheckpointError(
-                f"weight_scale has {scale.numel()} values, expected one per output row ({n})"
-            )
-        if bias is not None and bias.numel() != n:
-            raise CheckpointError(f"bias has {bias.numel()} values, expected {n}")
-        if smooth is not None and smooth.numel() != k:
-            raise ConfigError(f"smoothing vector has {smooth.numel()} values, expected in_features={k}")
-        self.out_features, self.in_features = n, k
-        self.kernel = kernel
-        self.register_buffer("qweight_t", qweight.t().contiguous())
-        self.register_buffer("weight_scale", scale.contiguous())
-        self.register_buffer("bias", None if bias is None else bias.float().reshape(-1).contiguous())
-        inv = None if smooth is None else (1.0 / smooth.float().reshape(-1)).contiguous()
-        self.register_buffer("inv_smooth", inv)
-
-    @classmethod
-    def from_float(
-        cls,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        smooth: torch.Tensor | None = None,
-        kernel: str = "auto",
-    ) -> Int8Linear:
-        """Quantize a float weight [N, K]; with `smooth` [K], the stored weight is `weight * smooth`."""
-        q, scale = quantize_weight_per_channel(weight.float(), None if smooth is None else smooth.float())
-        return cls(q, scale, bias, smooth, kernel)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The int8 weight [N, K] (a transposed view of `qweight_t`)."""
-        return self.qweight_t.t()
-
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight [N, K] this layer applies to its (unsmoothed) input."""
-        w = self.qweight_t.t().float() * self.weight_scale[:, None]
-        if self.inv_smooth is not None:
-            w = w * self.inv_smooth[None, :]
-        return w.to(dtype)
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        for name in self._FP32_BUFFERS:
-            t = self._buffers.get(name)
-            if t is not None and t.dtype != torch.float32:
-                self._buffers[name] = t.float()
-        return self
-
-    def _backend(self, x: torch.Tensor) -> str:
-        if self.kernel != "auto":
-            return self.kernel
-        cpu_float = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
-        # below ~256k elements the thread pool start-up outweighs the saved passes
-        if cpu_float and x.numel() >= NUMBA_MIN_ELEMENTS and _numba_kernels():
-            return "numba"
-        return "torch"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] == 0:
-            return x.new_zeros(*shape[:-1], self.out_features)
-        backend = self._backend(x2)
-        if backend == "numba" and x2.device.type == "cpu" and x2.dtype in (torch.bfloat16, torch.float32):
-            y = self._forward_numba(x2)
-        else:
-            xq, xs = quantize_per_token(x2, self.inv_smooth)
-            acc = int8_matmul(xq, self.qweight_t, "dequant" if backend == "dequant" else "auto")
-            y = rescale(acc, xs, self.weight_scale, self.bias, x.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
-
-    def _forward_numba(self, x2: torch.Tensor) -> torch.Tensor:
-        kern = _numba_kernels()
-        x2 = x2.contiguous()
-        m, k = x2.shape
-        n = self.out_features
-        inv_smooth = self.inv_smooth if self.inv_smooth is not None else _ones(k)
-        xq = torch.empty(m, k, dtype=torch.int8)
-        xs = torch.empty(m, dtype=torch.float32)
-        if x2.dtype == torch.bfloat16:
-            kern.quantize_rows_bf16(
-                x2.view(torch.int16).numpy().view("uint16"), inv_smooth.numpy(), xq.numpy(), xs.numpy(), 0
-            )
-        else:
-            kern.quantize_rows_f32(x2.numpy(), inv_smooth.numpy(), xq.numpy(), xs.numpy(), 0)
-        acc = (
-            torch._int_mm(xq, self.qweight_t)
-            if _int_mm_works("cpu")
-            else exact_int_matmul(xq, self.qweight_t)
+def numba_w8a8(
+    x2: torch.Tensor,
+    qweight_t: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    inv_smooth: torch.Tensor | None,
+) -> torch.Tensor:
+    """W8A8 of CPU activations [M, K] (bf16 or fp32) with the numba kernels: quantize per token, `_int_mm` (or the
+    exact float path), rescale; returns [M, N] in x2's dtype. `bias` and `inv_smooth` are float32."""
+    kern = _numba_kernels()
+    x2 = x2.contiguous()
+    m, k = x2.shape
+    n = qweight_t.shape[1]
+    inv_smooth = inv_smooth if inv_smooth is not None else _ones(k)
+    xq = torch.empty(m, k, dtype=torch.int8)
+    xs = torch.empty(m, dtype=torch.float32)
+    if x2.dtype == torch.bfloat16:
+        kern.quantize_rows_bf16(
+            x2.view(torch.int16).numpy().view("uint16"), inv_smooth.numpy(), xq.numpy(), xs.numpy(), 0
         )
-        bias = self.bias if self.bias is not None else _zeros(n)
-        comp = _zeros_i32(n)
-        out = torch.empty(m, n, dtype=x2.dtype)
-        if x2.dtype == torch.bfloat16:
-            kern.rescale_to_bf16(
-                acc.numpy(),
-                comp.numpy(),
-                xs.numpy(),
-                self.weight_scale.numpy(),
-                bias.numpy(),
-                out.view(torch.int16).numpy().view("uint16"),
-            )
-        else:
-            kern.rescale_to_f32(
-                acc.numpy(), comp.numpy(), xs.numpy(), self.weight_scale.numpy(), bias.numpy(), out.numpy()
-            )
-        return out
+    else:
+        kern.quantize_rows_f32(x2.numpy(), inv_smooth.numpy(), xq.numpy(), xs.numpy(), 0)
+    acc = torch._int_mm(xq, qweight_t) if _int_mm_works("cpu") else exact_int_matmul(xq, qweight_t)
+    bias = bias if bias is not None else _zeros(n)
+    comp = _zeros_i32(n)
+    out = torch.empty(m, n, dtype=x2.dtype)
+    args = (acc.numpy(), comp.numpy(), xs.numpy(), weight_scale.numpy(), bias.numpy())
+    if x2.dtype == torch.bfloat16:
+        kern.rescale_to_bf16(*args, out.view(torch.int16).numpy().view("uint16"))
+    else:
+        kern.rescale_to_f32(*args, out.numpy())
+    return out
 
-    def extra_repr(self) -> str:
-        smooth = ", smoothed" if self.inv_smooth is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, w8a8{smooth}, kernel={self.kernel}"
+
+def numba_available(x2: torch.Tensor) -> bool:
+    """Whether the numba path takes these activations: large enough CPU bf16 / fp32 matrices (below ~256k
+    elements the thread pool start-up outweighs the saved passes)."""
+    return (
+        x2.device.type == "cpu"
+        and x2.dtype in (torch.bfloat16, torch.float32)
+        and x2.numel() >= NUMBA_MIN_ELEMENTS
+        and _numba_kernels() is not None
+    )
 
 
 @cache

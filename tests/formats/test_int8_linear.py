@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ditq.quant.int8.linear import (
+from ditq.formats.int8 import Int8Linear
+from ditq.formats.int8_ops import (
     CUDA_ALIGNMENT,
-    Int8Linear,
     exact_int_matmul,
     pad_for_int_mm,
     quantize_per_token,
@@ -129,7 +129,7 @@ def test_int8_linear_reference_quantizers():
 def test_int8_linear_stays_float32_inside_and_handles_empty_input():
     lin = Int8Linear.from_float(torch.randn(4, 8), torch.randn(4), torch.rand(8) + 0.5)
     lin.to(torch.bfloat16)
-    assert lin.weight_scale.dtype == lin.bias.dtype == lin.inv_smooth.dtype == torch.float32
+    assert lin.scales.dtype == lin.smoothing.dtype == torch.float32 and lin.bias.dtype == torch.bfloat16
     assert lin.qweight_t.dtype == torch.int8 and lin.weight.shape == (4, 8)
     assert lin(torch.zeros(0, 8, dtype=torch.bfloat16)).shape == (0, 4)
     y = lin(torch.zeros(2, 8, dtype=torch.bfloat16))
@@ -137,7 +137,7 @@ def test_int8_linear_stays_float32_inside_and_handles_empty_input():
 
 
 def test_numba_and_torch_quantizers_agree_on_large_inputs(monkeypatch):
-    from ditq.quant.int8 import linear
+    from ditq.formats import int8_ops as linear
 
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(300, 1024, generator=gen) * torch.rand(300, 1, generator=gen) * 10
@@ -151,7 +151,7 @@ def test_numba_and_torch_quantizers_agree_on_large_inputs(monkeypatch):
 
 
 def test_missing_int8_gemm_falls_back_exactly_and_logs_once(monkeypatch, caplog):
-    from ditq.quant.int8 import linear
+    from ditq.formats import int8_ops as linear
 
     lin = Int8Linear.from_float(torch.randn(24, 40), kernel="torch")
     x = torch.randn(5, 40)
@@ -163,7 +163,7 @@ def test_missing_int8_gemm_falls_back_exactly_and_logs_once(monkeypatch, caplog)
     linear._int_mm_works.cache_clear()
     monkeypatch.setattr(torch, "_int_mm", no_int_mm)
     try:
-        with caplog.at_level("WARNING", logger="ditq.quant.int8.linear"):
+        with caplog.at_level("WARNING", logger="ditq.formats.int8_ops"):
             assert torch.equal(lin(x), want) and torch.equal(lin(x), want)
         assert sum("unavailable" in r.message for r in caplog.records) == 1
     finally:

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 
 from ditq.errors import CheckpointError
-from ditq.quant.formats.base import LinearFormat, register_format
+from ditq.formats.base import LinearFormat, QuantizedLinear, register_format
 
 STATE_SUFFIXES = ("weight.quant_state.bitsandbytes__nf4", "weight.quant_state.bitsandbytes__fp4")
 CHUNK_VALUES = 1 << 24  # values quantized per bitsandbytes call
@@ -78,47 +78,85 @@ def quantize_nf4_pieces(
     }
 
 
-class NF4Linear(torch.nn.Module):
+def weight_bytes(out_features: int, in_features: int, blocksize: int = 64) -> int:
+    """Stored bytes of one NF4 Linear weight: packed codes (N·K/2) + one fp32 absmax per block (no double
+    quantization). The 64-byte code book and the JSON state count as file overhead, like the header."""
+    n = out_features * in_features
+    return n // 2 + 4 * -(-n // blocksize)
+
+
+class NF4Linear(QuantizedLinear):
     """Linear layer with a resident NF4 weight: bitsandbytes' 4-bit matmul on CUDA, dequantize + matmul elsewhere.
 
     (bitsandbytes' CPU kernel repacks weights and requires output widths divisible by its tile size; dequantizing
-    per forward works for every shape.)
+    per forward works for every shape.) Storage: the packed codes `weight`, `absmax` and the code book `quant_map`
+    (plus the nested absmax and code book of double-quantized files); bitsandbytes' `QuantState` is rebuilt from
+    them at each call, so that offloading, which moves parameters, moves all of it.
     """
 
     def __init__(self, packed: torch.Tensor, stats: dict[str, torch.Tensor], bias, compute_dtype) -> None:
         from bitsandbytes.functional import QuantState
 
-        super().__init__()
-        self.quant_state = QuantState.from_dict(stats, device=packed.device)
-        self.out_features, self.in_features = self.quant_state.shape
-        self.register_buffer("weight", packed)
-        self.register_buffer("absmax", self.quant_state.absmax)
-        self.register_buffer("bias", None if bias is None else bias.to(compute_dtype))
-        self.compute_dtype = compute_dtype
+        qs = QuantState.from_dict(dict(stats), device=packed.device)
+        out_features, in_features = qs.shape
+        super().__init__(in_features, out_features, compute_dtype)
+        self.store("weight", packed)
+        self.store("absmax", qs.absmax)
+        self.store("quant_map", qs.code)
+        self.shape, self.blocksize, self.quant_type, self.state_dtype = (
+            qs.shape,
+            qs.blocksize,
+            qs.quant_type,
+            qs.dtype,
+        )
+        self.offset = None if qs.offset is None else float(qs.offset)
+        nested = qs.state2
+        self.store("nested_absmax", None if nested is None else nested.absmax)
+        self.store("nested_quant_map", None if nested is None else nested.code)
+        self.nested_blocksize = None if nested is None else nested.blocksize
+        self.nested_dtype = None if nested is None else nested.dtype
+        self.set_bias(bias)
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self.quant_state.absmax = self.absmax
-        self.quant_state.code = fn(self.quant_state.code)
-        return self
+    def quant_state(self, dtype: torch.dtype | None = None):
+        """bitsandbytes' `QuantState` over this layer's storage (on its device)."""
+        from bitsandbytes.functional import QuantState
+
+        state2, offset = None, None
+        if self.nested_absmax is not None:
+            state2 = QuantState(
+                absmax=self.stored("nested_absmax"),
+                blocksize=self.nested_blocksize,
+                code=self.stored("nested_quant_map"),
+                dtype=self.nested_dtype,
+            )
+            offset = torch.tensor(self.offset, device=self.weight.device)
+        return QuantState(
+            absmax=self.stored("absmax"),
+            shape=self.shape,
+            code=self.stored("quant_map"),
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+            dtype=dtype or self.state_dtype,
+            offset=offset,
+            state2=state2,
+        )
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         from bitsandbytes.functional import dequantize_4bit
 
-        return dequantize_4bit(self.weight, self.quant_state).to(dtype or self.compute_dtype)
+        return dequantize_4bit(self.weight, self.quant_state()).to(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = self.bias_as(x.dtype)
         if x.is_cuda:
             import bitsandbytes as bnb
 
-            self.quant_state.dtype = x.dtype
-            out = bnb.matmul_4bit(x, self.weight.t(), quant_state=self.quant_state)
+            out = bnb.matmul_4bit(x, self.weight.t(), quant_state=self.quant_state(x.dtype))
             return out if bias is None else out + bias
         return torch.nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, nf4"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.quant_type}"
 
 
 @register_format
