@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ditq.report.pareto import ParetoPoint, pareto_frontier, plot_pareto
+from ditq.report.pareto import ParetoPoint, frontier_shares, pareto_frontier, plot_pareto
 
 
 def _frontier_by_definition(mem, q, higher_is_better):
@@ -84,3 +84,41 @@ def test_plot_pareto_writes_png(tmp_path):
     with Image.open(tmp_path / "p.png") as im:
         assert im.format == "PNG" and im.width > 400
         assert len(set(itertools.islice(im.convert("RGB").getdata(), 0, None, 97))) > 10
+
+
+def test_frontier_shares_hand_checked_example():
+    # A: 1 GB, prompt scores (0, 1); B: 2 GB, (0.4, 0.4). Resampling two prompts gives A a mean of 0, 0.5, 0.5 or 1
+    # with probability 1/4 each, while B's mean is always 0.4. A uses less memory, so it is never dominated; B is
+    # non-dominated only when it scores strictly higher than A, i.e. when A's mean is 0: share 1/4.
+    shares = frontier_shares([1.0, 2.0], np.array([[0.0, 1.0], [0.4, 0.4]]), n_resamples=40_000, seed=1)
+    assert shares[0] == 1.0
+    assert shares[1] == pytest.approx(0.25, abs=0.01)  # Monte Carlo sd 0.0022
+    # Lower is better (an LPIPS-like axis): B is non-dominated when A's mean is 0.5 or 1 -> 3/4.
+    low = frontier_shares(
+        [1.0, 2.0], np.array([[0.0, 1.0], [0.4, 0.4]]), higher_is_better=False, n_resamples=40_000
+    )
+    assert low[1] == pytest.approx(0.75, abs=0.01)
+
+
+def test_frontier_shares_match_exact_enumeration():
+    rng = np.random.default_rng(8)
+    memory = np.array([3.0, 2.0, 1.0, 2.0])
+    values = rng.normal(0, 1, size=(4, 4)).round(1)  # rounded: ties between variants happen
+    exact = np.zeros(4)
+    draws = list(itertools.product(range(4), repeat=4))  # every resample of 4 prompts, equally likely
+    for idx in draws:
+        exact += pareto_frontier(memory, values[:, list(idx)].mean(axis=1))
+    exact /= len(draws)
+    shares = frontier_shares(memory, values, n_resamples=50_000, seed=2)
+    np.testing.assert_allclose(shares, exact, atol=0.012)  # 5 Monte Carlo sd at p = 1/2
+    assert (
+        frontier_shares(memory, values, n_resamples=500, seed=3).tolist()
+        == frontier_shares(memory, values, n_resamples=500, seed=3).tolist()
+    )
+
+
+def test_frontier_shares_reject_bad_input():
+    with pytest.raises(ValueError, match=r"\[k, n\]"):
+        frontier_shares([1.0], np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="finite"):
+        frontier_shares([1.0, 2.0], np.array([[np.nan], [1.0]]))

@@ -3,6 +3,10 @@
 A variant is dominated when another uses no more memory and is at least as good, and is strictly better in one
 of the two. The frontier is every variant that is not dominated. Equal points do not dominate each other, so
 exact ties are all on the frontier. Points with a non-finite coordinate are never on it.
+
+Quality is a mean over prompts, so the frontier is uncertain: `frontier_shares` resamples the prompts (the same
+draw for every variant, as the design is paired) and reports, per variant, the share of resamples in which it is
+non-dominated. Memory is a fixed property of a variant and is not resampled.
 """
 
 from __future__ import annotations
@@ -28,6 +32,50 @@ def pareto_frontier(
     # dominated[i, j]: point j dominates point i
     dominated = (m_j <= m_i) & (g_j >= g_i) & ((m_j < m_i) | (g_j > g_i)) & finite[None, :]
     return finite & ~dominated.any(axis=1)
+
+
+def _non_dominated(memory: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """memory float [k], good float [rows, k] (higher is better) -> bool [rows, k], the frontier of each row."""
+    m_i, m_j = memory[None, :, None], memory[None, None, :]
+    g_i, g_j = good[:, :, None], good[:, None, :]
+    dominated = (m_j <= m_i) & (g_j >= g_i) & ((m_j < m_i) | (g_j > g_i))
+    return ~dominated.any(axis=2)
+
+
+def frontier_shares(
+    memory: np.ndarray | list[float],
+    unit_values: np.ndarray,
+    *,
+    higher_is_better: bool = True,
+    n_resamples: int = 10_000,
+    seed: int = 0,
+) -> np.ndarray:
+    """Share of bootstrap resamples in which each variant is on the quality-memory frontier: float [k].
+
+    memory: float [k], one fixed size per variant. unit_values: float [k, n], each variant's per-unit (per-prompt)
+    quality on the same n units. A resample draws n units with replacement, one index row shared by all k
+    variants (`numpy.random.default_rng(seed).integers(0, n, (rows, n))`, in chunks), takes each variant's mean
+    over the drawn units and finds the non-dominated set as `pareto_frontier` does.
+    """
+    mem = np.asarray(memory, dtype=np.float64)
+    values = np.asarray(unit_values, dtype=np.float64)
+    if values.ndim != 2 or mem.shape != (values.shape[0],):
+        raise ValueError(f"unit_values must be [k, n] with k = len(memory), got {values.shape} and {mem.shape}")
+    k, n = values.shape
+    if n == 0 or not np.all(np.isfinite(values)) or not np.all(np.isfinite(mem)):
+        raise ValueError("frontier_shares needs at least one unit and finite memory and quality values")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
+    rng = np.random.default_rng(seed)
+    sign = 1.0 if higher_is_better else -1.0
+    counts = np.zeros(k, dtype=np.int64)
+    rows_per_chunk = max(1, 2_000_000 // max(n * k, k * k))
+    for start in range(0, n_resamples, rows_per_chunk):
+        rows = min(rows_per_chunk, n_resamples - start)
+        idx = rng.integers(0, n, size=(rows, n))
+        means = values[:, idx].mean(axis=2).T  # [rows, k]
+        counts += _non_dominated(mem, sign * means).sum(axis=0)
+    return counts / n_resamples
 
 
 # Label positions tried in order, as (dx, dy) offsets in points from the marker.

@@ -15,21 +15,25 @@ from ditq.stats.bootstrap import (
     mean_ci,
     paired_difference,
 )
-from ditq.stats.multiple import bonferroni_confidence_level, holm_adjust
+from ditq.stats.multiple import StepDown, bonferroni_confidence_level, holm_adjust, holm_intervals
 from ditq.stats.permutation import sign_flip_pvalue
-from ditq.stats.units import paired_unit_means, unit_means
+from ditq.stats.units import paired_unit_means, psnr_ceiling_db, psnr_unit_values, unit_means
 
 __all__ = [
     "DEFAULT_RESAMPLES",
     "DEFAULT_SEED",
     "BootstrapCI",
     "PairedDifference",
+    "StepDown",
     "bonferroni_confidence_level",
     "bootstrap_means",
     "holm_adjust",
+    "holm_intervals",
     "mean_ci",
     "paired_difference",
     "paired_unit_means",
+    "psnr_ceiling_db",
+    "psnr_unit_values",
     "sign_flip_pvalue",
     "unit_means",
 ]

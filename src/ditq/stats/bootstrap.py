@@ -11,12 +11,13 @@ every row is one bootstrap replicate. Two interval methods:
 
 Quantiles use linear interpolation, like `numpy.quantile`'s default. A paired difference is the bootstrap of the
 per-unit differences, which resamples the pairs together. The seed is recorded in every result, so a report
-can be regenerated exactly.
+can be regenerated exactly. A result keeps its replicates, so `BootstrapCI.at_level` gives the interval at another
+confidence level from the same resamples (for multiplicity-adjusted intervals, `ditq.stats.multiple`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -49,11 +50,23 @@ class BootstrapCI:
     n_resamples: int
     seed: int
     standard_error: float
+    requested_method: str = "bca"
+    sample: np.ndarray | None = field(default=None, repr=False, compare=False)
+    replicates: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def excludes_zero(self) -> bool:
         """True when the whole interval lies strictly on one side of zero."""
         return bool(self.low > 0 or self.high < 0)
+
+    def at_level(self, confidence_level: float) -> BootstrapCI:
+        """The interval at another confidence level from the same replicates (same estimate, seed, method)."""
+        if not 0.0 < confidence_level < 1.0:
+            raise ConfigError(f"confidence_level must be in (0, 1), got {confidence_level!r}")
+        if self.sample is None or self.replicates is None:  # n = 1: no interval at any level
+            return replace(self, confidence_level=confidence_level)
+        low, high, used = _interval(self.sample, self.replicates, confidence_level, self.requested_method)
+        return replace(self, low=low, high=high, confidence_level=confidence_level, method=used)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +99,10 @@ class PairedDifference:
     @property
     def seed(self) -> int:
         return self.ci.seed
+
+    def at_level(self, confidence_level: float) -> PairedDifference:
+        """The same difference with its interval at another confidence level (same replicates, same p-value)."""
+        return PairedDifference(ci=self.ci.at_level(confidence_level), p_value=self.p_value)
 
 
 def _check_args(confidence_level: float, n_resamples: int, method: str) -> None:
@@ -173,9 +190,31 @@ def mean_ci(
             n_resamples=n_resamples,
             seed=seed,
             standard_error=nan,
+            requested_method=method,
         )
     rng = np.random.default_rng(seed)
     replicates = bootstrap_means(x, n_resamples, rng)
+    low, high, used = _interval(x, replicates, confidence_level, method)
+    return BootstrapCI(
+        estimate=estimate,
+        low=low,
+        high=high,
+        confidence_level=confidence_level,
+        method=used,
+        n=n,
+        n_resamples=n_resamples,
+        seed=seed,
+        standard_error=float(replicates.std(ddof=1)),
+        requested_method=method,
+        sample=x,
+        replicates=replicates,
+    )
+
+
+def _interval(
+    x: np.ndarray, replicates: np.ndarray, confidence_level: float, method: str
+) -> tuple[float, float, str]:
+    """(low, high, method used) for the mean of `x` from its bootstrap `replicates`."""
     alpha = (1.0 - confidence_level) / 2.0
     used = method
     levels: tuple[float, float] | None = (alpha, 1.0 - alpha)
@@ -185,17 +224,7 @@ def mean_ci(
             used = "percentile"
             levels = (alpha, 1.0 - alpha)
     low, high = np.quantile(replicates, levels)
-    return BootstrapCI(
-        estimate=estimate,
-        low=float(low),
-        high=float(high),
-        confidence_level=confidence_level,
-        method=used,
-        n=n,
-        n_resamples=n_resamples,
-        seed=seed,
-        standard_error=float(replicates.std(ddof=1)),
-    )
+    return float(low), float(high), used
 
 
 def paired_difference(
