@@ -1,6 +1,6 @@
 """GGUF for ditq: llama.cpp-exact block codecs (Q8_0, Q2_K..Q6_K, F32/F16/BF16) and GGUF file read/write.
 
-quantize(array, qtype, imatrix=None) -> uint8 (rows, row_bytes)
+quantize(array, qtype, imatrix=None, rule=DEFAULT_RULE) -> uint8 (rows, row_bytes)
 dequantize(data, qtype) -> float32 (rows, row_len)
 GGUFStreamWriter(path, [TensorSpec(name, shape, qtype), ...], metadata)   streaming, atomic write
 GGUFFile(path)                                                           checked, memory-mapped read
@@ -12,6 +12,9 @@ from ditq.gguf import floats, q2_k, q3_k, q4_k, q6_k, q8_0  # noqa: F401  (regis
 from ditq.gguf._jit import thread_count, threads
 from ditq.gguf.codec import (
     BLOCK_LAYOUT,
+    DEFAULT_RULE,
+    KQUANT_RULES,
+    RULE_TYPES,
     BlockCodec,
     codec,
     codec_names,
@@ -22,10 +25,14 @@ from ditq.gguf.codec import (
     tensor_bytes,
 )
 from ditq.gguf.reader import GGUFFile, TensorInfo
-from ditq.gguf.writer import GGUFStreamWriter, TensorSpec
+from ditq.gguf.writer import RULE_KEY, GGUFStreamWriter, TensorSpec
 
 __all__ = [
     "BLOCK_LAYOUT",
+    "DEFAULT_RULE",
+    "KQUANT_RULES",
+    "RULE_KEY",
+    "RULE_TYPES",
     "BlockCodec",
     "GGUFFile",
     "GGUFStreamWriter",

@@ -24,17 +24,23 @@ _TENTH = f32(0.1)
 
 
 @numba.njit(**JIT)
-def fit_affine(x, w, nmax, rmin, rdelta, nstep, use_mad, L, Laux, scale, neg_min):
+def fit_affine(x, w, nmax, rmin, rdelta, nstep, use_mad, clamp_first, L, Laux, scale, neg_min):
     """Affine grid `scale * l + min`, l in 0..nmax, min <= 0 (make_qkx2_quants / make_qkx3_quants): for each of
     nstep + 1 trial scales, round onto the grid, solve weighted least squares for scale and min, and keep the
     trial with the lowest weighted squared (use_mad: absolute) error. An accepted trial's min is the origin of
-    the next trial's grid. Levels are rounded with nearest_int's full behaviour, including its garbage beyond
-    |v| > 4194303 before the clamp, as the ggml these bytes were checked against does (newer ggml clamps first
-    in make_qkx3_quants; the two differ only for such values).
+    the next trial's grid, so a trial's `v = iscale * (x - min)` can be huge, inf or nan when that min lies at or
+    near the block's max. clamp_first picks how such a trial level is rounded:
+
+    - False (make_qkx2_quants, and make_qkx3_quants in ggml d99724f): `clamp(nearest_int(v), 0, nmax)`, with
+      nearest_int's garbage beyond |v| > 4194303 before the clamp, exactly as C computes it;
+    - True (make_qkx3_quants since llama.cpp 01243c58): `v > 0 ? nearest_int(min(v, nmax)) : 0`.
+
+    The first grid (before the trials) is rounded the first way under both rules, as in C.
 
     x, w: float32 (n, T). Writes L int32 (n, T), scale (T,) and neg_min (T,) = -min; Laux is float32 scratch.
-    The levels of the best grid so far are not copied on every acceptance: the grid (its iscale and origin) is
-    remembered and the levels are recomputed from it once at the end, which gives the same integers.
+    The levels of the best grid so far are not copied on every acceptance: the grid (its iscale, origin and
+    whether it was a trial) is remembered and the levels are recomputed from it once at the end, which gives the
+    same integers.
     """
     n, T = x.shape
     nmax = np.int32(nmax)
@@ -55,6 +61,7 @@ def fit_affine(x, w, nmax, rmin, rdelta, nstep, use_mad, L, Laux, scale, neg_min
     err = np.empty(T, np.float32)
     take = np.empty(T, np.bool_)
     flat = np.empty(T, np.bool_)
+    grid_trial = np.zeros(T, np.bool_)  # the best grid is a trial's (rounded by the rule), not the first one
     fmax = f32(nmax)
 
     x0 = x[0]
@@ -102,7 +109,11 @@ def fit_affine(x, w, nmax, rmin, rdelta, nstep, use_mad, L, Laux, scale, neg_min
             wi = w[i]
             Ai = Laux[i]
             for t in range(T):
-                fq = f32(min(max(nearest_int(iscale[t] * (xi[t] - mn[t])), zero_i), nmax))
+                v = iscale[t] * (xi[t] - mn[t])
+                if clamp_first:
+                    fq = f32(nearest_int(v if v < fmax else fmax)) if v > _ZERO else _ZERO
+                else:
+                    fq = f32(min(max(nearest_int(v), zero_i), nmax))
                 Ai[t] = fq
                 wq = wi[t] * fq
                 s_l[t] += wq
@@ -133,6 +144,7 @@ def fit_affine(x, w, nmax, rmin, rdelta, nstep, use_mad, L, Laux, scale, neg_min
                 scale[t] = t_scale[t]
                 grid_iscale[t] = iscale[t]
                 grid_origin[t] = mn[t]
+                grid_trial[t] = True
                 mn[t] = t_min[t]
 
     for t in range(T):
@@ -143,7 +155,11 @@ def fit_affine(x, w, nmax, rmin, rdelta, nstep, use_mad, L, Laux, scale, neg_min
         xi = x[i]
         Li = L[i]
         for t in range(T):
-            q = min(max(nearest_int(grid_iscale[t] * (xi[t] - grid_origin[t])), zero_i), nmax)
+            v = grid_iscale[t] * (xi[t] - grid_origin[t])
+            if clamp_first and grid_trial[t]:
+                q = nearest_int(v if v < fmax else fmax) if v > _ZERO else zero_i
+            else:
+                q = min(max(nearest_int(v), zero_i), nmax)
             Li[t] = zero_i if flat[t] else q
 
 

@@ -3,6 +3,12 @@
 A tensor is quantized row by row: each row of `row_len` values is cut into blocks of `block_size` values and
 each block is written as `type_size` bytes, so a row takes `row_len // block_size * type_size` bytes. Every
 byte is what llama.cpp's reference quantizer (the path `llama-quantize` takes) writes for the same input.
+
+Rules: llama.cpp 01243c58 changed how `make_qkx3_quants` (Q2_K, Q4_K and Q5_K with an importance matrix) rounds a
+trial level whose grid origin has moved next to the block's max: it clamps before rounding instead of rounding a
+value that may be out of range, inf or nan. The bytes differ only in such corners (an importance matrix with
+zeros over all-negative or zero-max blocks of a wide range). `quantize(..., rule=...)` picks the rule: the
+current one by default, "ggml-d99724f" for files that must match older builds byte for byte.
 """
 
 from __future__ import annotations
@@ -40,6 +46,24 @@ BLOCK_LAYOUT: dict[GGMLQuantizationType, tuple[int, int]] = {
 
 _CODECS: dict[GGMLQuantizationType, type[BlockCodec]] = {}
 
+# make_qkx3_quants rounding rules: name -> whether a trial level is clamped before it is rounded.
+KQUANT_RULES: dict[str, bool] = {"llama.cpp-01243c58": True, "ggml-d99724f": False}
+DEFAULT_RULE = "llama.cpp-01243c58"
+# The types whose bytes depend on the rule (only when an importance matrix is given).
+RULE_TYPES = frozenset({GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K})
+
+
+def resolve_rule(rule: str) -> str:
+    """`rule` if it names a known make_qkx3_quants rule, else ConfigError listing them."""
+    if rule not in KQUANT_RULES:
+        raise ConfigError(f"unknown k-quant rule {rule!r}; known: {', '.join(KQUANT_RULES)}")
+    return rule
+
+
+def clamps_first(rule: str) -> bool:
+    """Whether `rule` clamps a make_qkx3_quants trial level before rounding it."""
+    return KQUANT_RULES[resolve_rule(rule)]
+
 
 class BlockCodec:
     """Encoder and decoder of one quant type over (n_blocks, block_size) arrays.
@@ -62,10 +86,12 @@ class BlockCodec:
         _CODECS[qtype] = cls
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    def quantize_blocks(
+        cls, blocks: np.ndarray, weights: np.ndarray | None = None, rule: str = DEFAULT_RULE
+    ) -> np.ndarray:
         """blocks: float32 (n_blocks, block_size), finite. weights: float32 (k, block_size) importance, block b
-        using weights[b % k] (k = blocks per row broadcasts one imatrix row to every row). Returns uint8
-        (n_blocks, type_size)."""
+        using weights[b % k] (k = blocks per row broadcasts one imatrix row to every row). rule: a KQUANT_RULES
+        name (read by the RULE_TYPES codecs). Returns uint8 (n_blocks, type_size)."""
         raise NotImplementedError
 
     @classmethod
@@ -121,16 +147,20 @@ def quantize(
     imatrix: np.ndarray | None = None,
     *,
     threads: int | None = None,
+    rule: str = DEFAULT_RULE,
 ) -> np.ndarray:
     """Encode `array` (..., row_len), any real dtype, as `qtype`, bit-exact with llama.cpp's reference.
 
     imatrix: float32 (row_len,) per-input-column importance (llama.cpp's imatrix for this weight), applied to every
     row; used by the k-quants, ignored by Q8_0 and the float types. threads: worker threads for this call
-    (default: the enclosing `ditq.gguf.threads(n)` setting, else every core the process may use).
+    (default: the enclosing `ditq.gguf.threads(n)` setting, else every core the process may use). rule: the
+    make_qkx3_quants rule (KQUANT_RULES) Q2_K / Q4_K / Q5_K follow with an imatrix; the default is current
+    llama.cpp's, "ggml-d99724f" the older one.
     Returns uint8 (rows, row_bytes), rows = prod(shape[:-1]). Raises ConfigError if row_len is not a multiple of
     the block size (callers fall back to a wider type) and CheckpointError on NaN or Inf input.
     """
     c = codec(qtype)
+    resolve_rule(rule)
     x = np.asarray(array)
     if x.ndim == 0:
         raise ConfigError("cannot quantize a 0-d array: GGUF tensors have at least one dimension")
@@ -157,7 +187,7 @@ def quantize(
     blocks = x.reshape(-1, c.block_size)
     with _threads(threads):
         try:
-            out = c.quantize_blocks(blocks, weights)
+            out = c.quantize_blocks(blocks, weights, rule)
         except NonFiniteInput as err:
             r, col = divmod(err.block * c.block_size, row_len)
             raise CheckpointError(

@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType
 from ditq.gguf._jit import JIT, f32, load_f16, nearest_int, parallel_for, store_f16
 from ditq.gguf._search import fit_affine, fit_positive
 from ditq.gguf._tiles import TB, importance_weights, lane_sums, load_tile, pack_2bit, superblock_sigma2
-from ditq.gguf.codec import BlockCodec, check_finite
+from ditq.gguf.codec import DEFAULT_RULE, BlockCodec, check_finite, clamps_first
 
 _S = 16
 _NSUB = 16
@@ -30,7 +30,7 @@ _15 = f32(15.0)
 
 
 @numba.njit(**JIT)
-def _encode_tile(x, qw, base, out):
+def _encode_tile(x, qw, base, clamp_first, out):
     """Encode super-blocks base .. base+TB-1 of x (those that exist) into out."""
     xt = np.empty((_S, _T), np.float32)
     w = np.empty((_S, _T), np.float32)
@@ -48,7 +48,7 @@ def _encode_tile(x, qw, base, out):
             for t in range(_T):
                 w[i, t] = abs(xt[i, t])
         rmin, rdelta, nstep, use_mad = f32(-0.5), f32(0.1), 15, True
-    fit_affine(xt, w, 3, rmin, rdelta, nstep, use_mad, L, Laux, scale, neg_min)
+    fit_affine(xt, w, 3, rmin, rdelta, nstep, use_mad, imatrix and clamp_first, L, Laux, scale, neg_min)
 
     if imatrix:
         sw = lane_sums(w).reshape(_NSUB, TB)
@@ -110,9 +110,9 @@ def _encode_tile(x, qw, base, out):
 
 
 @numba.njit(**JIT)
-def _encode(lo, hi, x, qw, out):
+def _encode(lo, hi, x, qw, clamp_first, out):
     for tile in range(lo, hi):
-        _encode_tile(x, qw, tile * TB, out)
+        _encode_tile(x, qw, tile * TB, clamp_first, out)
 
 
 @numba.njit(**JIT)
@@ -136,11 +136,13 @@ class Q2_K(BlockCodec, qtype=GGMLQuantizationType.Q2_K):
     uses_imatrix = True
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    def quantize_blocks(
+        cls, blocks: np.ndarray, weights: np.ndarray | None = None, rule: str = DEFAULT_RULE
+    ) -> np.ndarray:
         check_finite(blocks)
         out = np.empty((blocks.shape[0], cls.type_size), np.uint8)
         qw = np.zeros((0, 256), np.float32) if weights is None else weights
-        parallel_for(_encode, (blocks.shape[0] + TB - 1) // TB, blocks, qw, out)
+        parallel_for(_encode, (blocks.shape[0] + TB - 1) // TB, blocks, qw, clamps_first(rule), out)
         return out
 
     @classmethod

@@ -25,7 +25,7 @@ from ditq.gguf._jit import GROUP_MAX_EPS, JIT, f32, load_f16, nearest_int, paral
 from ditq.gguf._refine import fit_symmetric_refined
 from ditq.gguf._search import fit_symmetric
 from ditq.gguf._tiles import TB, importance_weights, lane_sums, load_tile, superblock_sigma2
-from ditq.gguf.codec import BlockCodec, check_finite
+from ditq.gguf.codec import DEFAULT_RULE, BlockCodec, check_finite
 
 _S = 16
 _NSUB = 16
@@ -193,7 +193,9 @@ class Q3_K(BlockCodec, qtype=GGMLQuantizationType.Q3_K):
     uses_imatrix = True
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    def quantize_blocks(
+        cls, blocks: np.ndarray, weights: np.ndarray | None = None, rule: str = DEFAULT_RULE
+    ) -> np.ndarray:
         check_finite(blocks)
         out = np.empty((blocks.shape[0], cls.type_size), np.uint8)
         qw = np.zeros((0, 256), np.float32) if weights is None else weights

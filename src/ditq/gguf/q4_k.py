@@ -38,7 +38,7 @@ from ditq.gguf._tiles import (
     put_scale_min_k4,
     superblock_sigma2,
 )
-from ditq.gguf.codec import BlockCodec, check_finite
+from ditq.gguf.codec import DEFAULT_RULE, BlockCodec, check_finite, clamps_first
 
 _S = 32  # values per sub-block
 _NSUB = 8
@@ -47,7 +47,7 @@ _SCALES = 4  # byte offset of the packed scales
 
 
 @numba.njit(**JIT)
-def _encode_tile(x, qw, base, q5, out):
+def _encode_tile(x, qw, base, q5, clamp_first, out):
     """Encode super-blocks base .. base+TB-1 of x (those that exist) into out."""
     nmax = np.int32(31) if q5 else np.int32(15)
     xt = np.empty((_S, _T), np.float32)
@@ -73,7 +73,7 @@ def _encode_tile(x, qw, base, q5, out):
             rmin, rdelta, nstep = f32(-0.5), f32(0.1), 15
         else:
             rmin, rdelta, nstep = f32(-1.0), f32(0.1), 20
-    fit_affine(xt, w, nmax, rmin, rdelta, nstep, False, L, Laux, scale, neg_min)
+    fit_affine(xt, w, nmax, rmin, rdelta, nstep, False, imatrix and clamp_first, L, Laux, scale, neg_min)
 
     # block scales: d, dmin and the 8 packed (scale, min) pairs of each super-block
     d = np.empty(TB, np.float32)
@@ -153,10 +153,11 @@ def _encode_tile(x, qw, base, q5, out):
 
 
 @numba.njit(**JIT)
-def _encode(lo, hi, x, qw, q5, out):
-    """Tiles [lo, hi) of x float32 (n, 256); qw float32 (k, 256), or (0, 256) for none -> out uint8 (n, 144|176)."""
+def _encode(lo, hi, x, qw, q5, clamp_first, out):
+    """Tiles [lo, hi) of x float32 (n, 256); qw float32 (k, 256), or (0, 256) for none -> out uint8 (n, 144|176).
+    clamp_first: the make_qkx3_quants rule of the imatrix path (see `_search.fit_affine`)."""
     for tile in range(lo, hi):
-        _encode_tile(x, qw, tile * TB, q5, out)
+        _encode_tile(x, qw, tile * TB, q5, clamp_first, out)
 
 
 @numba.njit(**JIT)
@@ -190,11 +191,13 @@ class Q4_K(BlockCodec, qtype=GGMLQuantizationType.Q4_K):
     _q5 = False
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    def quantize_blocks(
+        cls, blocks: np.ndarray, weights: np.ndarray | None = None, rule: str = DEFAULT_RULE
+    ) -> np.ndarray:
         check_finite(blocks)
         out = np.empty((blocks.shape[0], cls.type_size), np.uint8)
         n_tiles = (blocks.shape[0] + TB - 1) // TB
-        parallel_for(_encode, n_tiles, blocks, _weights_or_none(weights), cls._q5, out)
+        parallel_for(_encode, n_tiles, blocks, _weights_or_none(weights), cls._q5, clamps_first(rule), out)
         return out
 
     @classmethod

@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType
 from ditq.gguf._jit import GROUP_MAX_EPS, JIT, f32, load_f16, nearest_int, parallel_for, store_f16
 from ditq.gguf._search import fit_symmetric
 from ditq.gguf._tiles import TB, level16, load_tile
-from ditq.gguf.codec import BlockCodec, check_finite
+from ditq.gguf.codec import DEFAULT_RULE, BlockCodec, check_finite
 
 _S = 16
 _NSUB = 16
@@ -125,7 +125,9 @@ class Q6_K(BlockCodec, qtype=GGMLQuantizationType.Q6_K):
     uses_imatrix = True
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    def quantize_blocks(
+        cls, blocks: np.ndarray, weights: np.ndarray | None = None, rule: str = DEFAULT_RULE
+    ) -> np.ndarray:
         check_finite(blocks)
         out = np.empty((blocks.shape[0], cls.type_size), np.uint8)
         qw = np.zeros((0, 256), np.float32) if weights is None else weights

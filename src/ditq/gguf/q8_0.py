@@ -16,7 +16,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ditq.gguf._jit import JIT, bits_f32, f32, f32_bits, load_f16, parallel_for, round_away, store_f16
-from ditq.gguf.codec import BlockCodec, NonFiniteInput
+from ditq.gguf.codec import DEFAULT_RULE, BlockCodec, NonFiniteInput
 
 _127 = f32(127.0)
 
@@ -53,7 +53,9 @@ def _decode(lo, hi, blocks, out):
 
 class Q8_0(BlockCodec, qtype=GGMLQuantizationType.Q8_0):
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    def quantize_blocks(
+        cls, blocks: np.ndarray, weights: np.ndarray | None = None, rule: str = DEFAULT_RULE
+    ) -> np.ndarray:
         out = np.empty((blocks.shape[0], cls.type_size), np.uint8)
         bad = np.full(1, -1, np.int64)
         parallel_for(_encode, blocks.shape[0], blocks, out, bad)

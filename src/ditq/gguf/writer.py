@@ -1,7 +1,8 @@
 """Streaming GGUF writer: declare every tensor and the metadata first, then hand over tensor data one at a time.
 
 The header (metadata and tensor infos, with every offset) is written when the writer opens, so only one tensor's
-bytes are in memory at a time. The file is written under a temporary name in the destination folder and renamed
+bytes are in memory at a time. A file that declares a Q2_K, Q4_K or Q5_K tensor records the make_qkx3_quants rule
+its encoder follows (`ditq.kquant_rule`, see `codec.KQUANT_RULES`), so it says which llama.cpp it matches. The file is written under a temporary name in the destination folder and renamed
 into place by `close()`; if the writer is left by an exception, aborted, or dropped unclosed, the temporary file
 is removed and no file appears at `path`.
 
@@ -28,7 +29,9 @@ from gguf import GGMLQuantizationType
 
 from ditq.errors import ConfigError
 from ditq.gguf import _format as fmt
-from ditq.gguf.codec import quantize, resolve_qtype, tensor_bytes
+from ditq.gguf.codec import DEFAULT_RULE, RULE_TYPES, quantize, resolve_qtype, resolve_rule, tensor_bytes
+
+RULE_KEY = "ditq.kquant_rule"
 
 
 @dataclass(frozen=True)
@@ -75,13 +78,19 @@ def _remove(path: str) -> None:
 
 
 class GGUFStreamWriter:
-    """Writes one GGUF file (version 3). States: open -> closed (renamed into place) or aborted (removed)."""
+    """Writes one GGUF file (version 3). States: open -> closed (renamed into place) or aborted (removed).
+
+    rule: the make_qkx3_quants rule `write_tensor` encodes with; by default the one the metadata's
+    `ditq.kquant_rule` names, else `DEFAULT_RULE`.
+    """
 
     def __init__(
         self,
         path: str | os.PathLike[str],
         tensors: Iterable[TensorSpec],
         metadata: Mapping[str, Any] | None = None,
+        *,
+        rule: str | None = None,
     ) -> None:
         self.path = Path(path)
         self.specs: dict[str, TensorSpec] = {}
@@ -90,6 +99,14 @@ class GGUFStreamWriter:
                 raise ConfigError(f"tensor {spec.name!r} is declared twice")
             self.specs[spec.name] = spec
         metadata = dict(metadata or {})
+        recorded = metadata.get(RULE_KEY)
+        if recorded is not None and (not isinstance(recorded, str) or recorded != resolve_rule(recorded)):
+            raise ConfigError(f"metadata {RULE_KEY!r} = {recorded!r}: expected a k-quant rule name")
+        if rule is not None and recorded is not None and resolve_rule(rule) != recorded:
+            raise ConfigError(f"rule {rule!r} contradicts metadata {RULE_KEY!r} = {recorded!r}")
+        self.rule = resolve_rule(rule or recorded or DEFAULT_RULE)
+        if recorded is None and any(spec.qtype in RULE_TYPES for spec in self.specs.values()):
+            metadata[RULE_KEY] = self.rule
         self.alignment = int(metadata.get(fmt.ALIGNMENT_KEY, fmt.DEFAULT_ALIGNMENT))
         if self.alignment < 1 or self.alignment & (self.alignment - 1):
             raise ConfigError(f"metadata {fmt.ALIGNMENT_KEY!r} = {self.alignment}: must be a power of two")
@@ -147,7 +164,7 @@ class GGUFStreamWriter:
         a = np.asarray(array)
         if tuple(a.shape) != spec.shape:
             raise ConfigError(f"tensor {name!r}: got shape {tuple(a.shape)}, declared {spec.shape}")
-        self._write(spec, quantize(a, spec.qtype, imatrix))
+        self._write(spec, quantize(a, spec.qtype, imatrix, rule=self.rule))
 
     def write_raw(self, name: str, data: np.ndarray | bytes) -> None:
         """Write already-encoded bytes of tensor `name` (e.g. from `quantize`); their size must match."""
