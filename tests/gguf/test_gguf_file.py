@@ -235,5 +235,7 @@ def test_overlapping_tensors(tmp_path):
     blob = path.read_bytes()
     pos = 24 + (8 + 1 + 4 + 16 + 4 + 8) + (8 + 1 + 4 + 16 + 4)  # tensor b's offset field
     assert struct.unpack("<Q", blob[pos : pos + 8])[0] == 96
-    with pytest.raises(CheckpointError, match="tensor 'a' .* overlaps tensor 'b'"):
+    with pytest.raises(
+        CheckpointError, match=r"tensor 'b' starts at data offset 32, inside tensor 'a' .*expected 96"
+    ):
         G.GGUFFile(_bad(tmp_path, blob[:pos] + struct.pack("<Q", 32) + blob[pos + 8 :]))

@@ -4,12 +4,14 @@ quantize(array, qtype, imatrix=None, rule=DEFAULT_RULE) -> uint8 (rows, row_byte
 dequantize(data, qtype) -> float32 (rows, row_len)
 GGUFStreamWriter(path, [TensorSpec(name, shape, qtype), ...], metadata)   streaming, atomic write
 GGUFFile(path)                                                           checked, memory-mapped read
+GGUFFile(path).check_scales(name)                                        NaN / Inf block scales, per tensor
 """
 
 from __future__ import annotations
 
 from ditq.gguf import floats, q2_k, q3_k, q4_k, q6_k, q8_0  # noqa: F401  (registers the codecs)
 from ditq.gguf._jit import thread_count, threads
+from ditq.gguf.checks import LOADABLE_TYPES, check_block_scales, nonfinite_blocks
 from ditq.gguf.codec import (
     BLOCK_LAYOUT,
     DEFAULT_RULE,
@@ -31,6 +33,7 @@ __all__ = [
     "BLOCK_LAYOUT",
     "DEFAULT_RULE",
     "KQUANT_RULES",
+    "LOADABLE_TYPES",
     "RULE_KEY",
     "RULE_TYPES",
     "BlockCodec",
@@ -38,9 +41,11 @@ __all__ = [
     "GGUFStreamWriter",
     "TensorInfo",
     "TensorSpec",
+    "check_block_scales",
     "codec",
     "codec_names",
     "dequantize",
+    "nonfinite_blocks",
     "quantize",
     "resolve_qtype",
     "row_bytes",

@@ -1,14 +1,20 @@
-"""Checked GGUF reader: every count, type, length and offset is validated before use.
+"""Checked GGUF reader: every count, type, length and offset is validated before anything is allocated or used.
 
 The file is memory-mapped; `raw(name)` is a zero-copy view of a tensor's bytes and `dequantize(name)` decodes
-it to float32. A file that is not GGUF, is of an unsupported version, is truncated, or holds a tensor of an
-unknown type or outside the file raises `CheckpointError` naming the file, the field or tensor, and what was
-expected. See `_format.py` for the layout.
+it to float32. Opening raises `CheckpointError` naming the file, the field or tensor, and what was expected, for a
+path that is not a regular file, a file that is not GGUF or of an unsupported version, a count, string or array
+that does not fit in the file, an unknown value type, a duplicate key or tensor name, a tensor of a type ditq does
+not load (`checks.LOADABLE_TYPES`; `supported_only=False` lists any type gguf-py knows, for inspection), a row
+length that is not a whole number of blocks, or data offsets that break ggml's layout: tensors follow one another
+in file order, each padded to the alignment, and the file ends with the last one's padding. The last rule is what
+catches a type or shape that does not match a tensor's bytes. Block scales are checked per tensor on demand
+(`check_scales`), since that reads the data. See `_format.py` for the layout.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +26,10 @@ from gguf import GGMLQuantizationType, GGUFValueType
 
 from ditq.errors import CheckpointError
 from ditq.gguf import _format as fmt
+from ditq.gguf.checks import LOADABLE_TYPES, check_block_scales, loadable_names
 from ditq.gguf.codec import _CODECS, dequantize
+
+MAX_NESTING = 8  # arrays of arrays
 
 
 @dataclass(frozen=True)
@@ -72,14 +81,22 @@ class _Cursor:
         if vtype == GGUFValueType.ARRAY:
             etype = self.unpack("<I", f"element type of {what}")
             count = self.unpack("<Q", f"length of {what}")
-            code = fmt.SCALAR_CODES.get(_value_type(etype))
-            if count > len(self.buf) - self.pos:
-                raise self.fail(f"{what}: array length {count} is larger than the rest of the file")
+            et = _value_type(etype)
+            if et is None:
+                raise self.fail(f"{what}: unknown array element type {etype}, expected 0..12 (GGUFValueType)")
+            code = fmt.SCALAR_CODES.get(et)
+            # the least an element takes: its fixed size, a string's length, an array's type and length
+            least = struct.calcsize(code) if code else 8 if et == GGUFValueType.STRING else 12
+            if count * least > len(self.buf) - self.pos:
+                raise self.fail(
+                    f"{what}: array of {count} {et.name} elements needs at least {count * least} bytes, but "
+                    f"{len(self.buf) - self.pos} are left in the file"
+                )
             if code is not None:  # fixed-size elements: one bounds check and one numpy read
                 raw = self.take(count * struct.calcsize(code), what)
                 return np.frombuffer(raw, np.dtype(code)).tolist()
-            if etype == GGUFValueType.ARRAY and depth > 8:
-                raise self.fail(f"{what}: arrays nested more than 8 deep")
+            if et == GGUFValueType.ARRAY and depth >= MAX_NESTING:
+                raise self.fail(f"{what}: arrays nested more than {MAX_NESTING} deep")
             return [self.value(etype, f"{what}[{i}]", depth + 1) for i in range(count)]
         code = fmt.SCALAR_CODES.get(_value_type(vtype))
         if code is None:
@@ -99,19 +116,29 @@ class GGUFFile:
 
     Attributes: path, version, alignment, metadata {key: value} (arrays as lists), metadata_types {key:
     GGUFValueType}, tensors {name: TensorInfo} in file order, data_start (byte offset of the data section).
+    supported_only: refuse tensors of types ditq does not load (the default); False accepts any type gguf-py
+    knows, for tools that only inspect or copy files.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, supported_only: bool = True) -> None:
         self.path = Path(path)
+        self.supported_only = supported_only
         try:
-            size = self.path.stat().st_size
+            st = os.stat(self.path)
         except OSError as err:
             raise CheckpointError(f"{self.path}: cannot open GGUF file: {err.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise CheckpointError(f"{self.path}: cannot open GGUF file: {kind}")
+        size = st.st_size
         if size < 4 + 4 + 8 + 8:
             raise CheckpointError(
                 f"{self.path}: truncated: {size} bytes is shorter than a GGUF header (24 bytes)"
             )
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        try:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{self.path}: cannot open GGUF file: {err}") from None
         cur = _Cursor(memoryview(self._map), self.path)
 
         magic = bytes(cur.take(4, "magic"))
@@ -165,15 +192,30 @@ class GGUFFile:
         self.data_start = fmt.align(cur.pos, self.alignment)
 
         self.tensors: dict[str, TensorInfo] = {}
+        expected = 0  # ggml's rule: each tensor starts where the previous one's padding ends
+        previous: TensorInfo | None = None
         for name, ne, type_id, offset in infos:
-            self.tensors[name] = self._check_tensor(name, ne, type_id, offset, size)
-        by_start = sorted(self.tensors.values(), key=lambda t: t.offset)
-        for a, b in zip(by_start, by_start[1:], strict=False):
-            if a.offset + a.nbytes > b.offset:
-                raise CheckpointError(
-                    f"{self.path}: tensor {a.name!r} (bytes [{a.offset}, {a.offset + a.nbytes})) overlaps tensor "
-                    f"{b.name!r} (from byte {b.offset}): corrupt offsets"
+            info = self._check_tensor(name, ne, type_id, offset, size)
+            if offset != expected:
+                where = (
+                    f", inside tensor {previous.name!r} (data offsets [{previous.offset - self.data_start}, "
+                    f"{previous.offset - self.data_start + previous.nbytes}))"
+                    if previous is not None and offset < expected
+                    else ""
                 )
+                raise CheckpointError(
+                    f"{self.path}: tensor {name!r} starts at data offset {offset}{where}; expected {expected} "
+                    f"(tensors follow one another in file order, each padded to {self.alignment} bytes): corrupt "
+                    "offsets, or a type or shape that does not match the data"
+                )
+            self.tensors[name] = info
+            previous = info
+            expected = fmt.align(offset + info.nbytes, self.alignment)
+        if infos and size > self.data_start + expected:
+            raise CheckpointError(
+                f"{self.path}: {size - self.data_start - expected} bytes after the padded end of the last tensor "
+                f"{previous.name!r}: its type or shape does not match the data, or the file is corrupt"
+            )
 
     def _check_tensor(
         self, name: str, ne: tuple[int, ...], type_id: int, offset: int, size: int
@@ -183,8 +225,15 @@ class GGUFFile:
             raise CheckpointError(f"{where} appears twice")
         known = fmt.qtype_sizes(type_id)
         if known is None:
-            raise CheckpointError(f"{where}: unknown ggml type id {type_id}, expected a GGMLQuantizationType")
+            raise CheckpointError(
+                f"{where}: unknown ggml type id {type_id}, expected a GGMLQuantizationType; ditq loads "
+                f"{loadable_names()}"
+            )
         qtype, block, type_size = known
+        if self.supported_only and qtype not in LOADABLE_TYPES:
+            raise CheckpointError(
+                f"{where} is {qtype.name}, a type ditq does not load; it loads {loadable_names()}"
+            )
         if any(d < 1 or d >= 2**40 for d in ne):
             raise CheckpointError(f"{where}: dimensions {list(ne)} must be positive and < 2**40")
         if ne[0] % block:
@@ -230,6 +279,12 @@ class GGUFFile:
             raise CheckpointError(f"{self.path}: reader is closed")
         rows = int(np.prod(t.shape[:-1], dtype=np.int64))
         return self._map[t.offset : t.offset + t.nbytes].reshape(rows, -1)
+
+    def check_scales(self, name: str) -> None:
+        """Raise CheckpointError if a block scale (or, for F32 / F16 / BF16, a value) of tensor `name` is NaN or
+        Inf. Reads only the scale fields: vectorised numpy over a strided view of the mapping."""
+        t = self.info(name)
+        check_block_scales(self.raw(name), t.qtype, f"{self.path}: tensor {name!r}", t.shape[-1])
 
     def dequantize(self, name: str) -> np.ndarray:
         """The tensor decoded to float32, in its logical shape."""
