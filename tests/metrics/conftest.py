@@ -100,3 +100,21 @@ def write_jsonl():
         path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
     return write
+
+
+# Lines the blocked-image calibration test leaves for the terminal summary (shown without -s).
+CALIBRATION = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def calibration_log(request) -> list:
+    """Lines to print in the terminal summary under "blocked-image detector calibration"."""
+    return request.config.stash.setdefault(CALIBRATION, [])
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    lines = config.stash.get(CALIBRATION, [])
+    if lines:
+        terminalreporter.section("blocked-image detector calibration")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -106,7 +107,10 @@ def test_evaluate_run_writes_expected_rows(run_dir, tmp_path, tiny_clip_folder):
     fidelity = {("int8", p, m) for p in ("bike", "sale") for m in ("psnr", "ssim")}
     text = {(v, "sale", m) for v in ("fp8", "int8") for m in ("ocr_exact", "ocr_ned")}
     preference = {(v, p, "clip_score") for v in ("fp8", "int8") for p in ("bike", "sale")}
-    assert got == fidelity | text | preference
+    checks = {
+        (v, p, "blocked") for v in ("fp8", "int8") for p in ("bike", "sale")
+    }  # added to every metric set
+    assert got == fidelity | text | preference | checks
     assert len(rows) == len(got)
     assert {r["seed"] for r in rows} == {"0"} and {r["caption_mode"] for r in rows} == {"json"}
     assert {r["category"] for r in rows if r["prompt_id"] == "sale"} == {"text"}
@@ -116,6 +120,7 @@ def test_evaluate_run_writes_expected_rows(run_dir, tmp_path, tiny_clip_folder):
     assert values["int8", "bike", "psnr"] == psnr(a, ref)
     assert values["int8", "bike", "ssim"] == pytest.approx(ssim(a, ref), abs=1e-12)
     assert values["fp8", "sale", "ocr_exact"] == 1.0 and values["fp8", "sale", "ocr_ned"] == 0.0
+    assert {values[key] for key in checks} == {0.0}  # noise and a white poster are no placeholder
 
     info = json.loads((run_dir / "metrics.json").read_text())
     assert info["reference_variant"] == "fp8" and info["missing_images"] == []
@@ -132,27 +137,40 @@ def test_evaluate_run_writes_expected_rows(run_dir, tmp_path, tiny_clip_folder):
     assert info["metrics"]["ocr_ned"]["higher_is_better"] is False
     assert info["metrics"]["ocr_ned"]["reference"] is None and info["metrics"]["ocr_ned"]["family"] == "text"
     assert info["metrics"]["clip_score"]["model"] == str(tiny_clip_folder)
+    (weights,) = info["metrics"]["clip_score"]["weights"]  # pinned: what was loaded, with its sha256
+    weight_file = tiny_clip_folder / "model.safetensors"
+    assert weights["path"] == str(weight_file.resolve()) and weights["bytes"] == weight_file.stat().st_size
+    assert weights["sha256"] == hashlib.sha256(weight_file.read_bytes()).hexdigest()
+    assert "weights" not in info["metrics"]["psnr"]
+    assert info["metrics"]["blocked"]["family"] == "check" and info["metrics"]["blocked"]["flagged"] == 0
     # An unavailable metric: a reason naming the missing file, no number anywhere.
     assert info["metrics"]["lpips"]["available"] is False
     assert "alexnet.pth" in info["metrics"]["lpips"]["reason"]
     assert info["metrics"]["lpips"]["rows"] == 0
     assert not any(r["metric"] == "lpips" for r in rows)
     assert not result.statuses["lpips"].available
-    assert result.new_rows == {"psnr": 2, "ssim": 2, "ocr_exact": 2, "ocr_ned": 2, "clip_score": 4}
+    assert result.new_rows == {
+        "blocked": 4,
+        "psnr": 2,
+        "ssim": 2,
+        "ocr_exact": 2,
+        "ocr_ned": 2,
+        "clip_score": 4,
+    }
 
 
 def test_rerun_resumes_without_recomputing(run_dir):
     counted = CountingPSNR()
-    evaluate_run(run_dir, [counted, SSIM()], progress=False)
+    evaluate_run(run_dir, [counted, SSIM()], progress=False, checks=False)
     assert counted.calls == 2
     before = (run_dir / "scores.csv").read_text()
-    result = evaluate_run(run_dir, [counted, SSIM()], progress=False)
+    result = evaluate_run(run_dir, [counted, SSIM()], progress=False, checks=False)
     assert counted.calls == 2  # nothing left to score
     assert result.new_rows == {"psnr_counted": 0, "ssim": 0}
     assert (run_dir / "scores.csv").read_text() == before
 
     # A later run with another metric keeps the earlier rows and metrics.json entries.
-    evaluate_run(run_dir, ["psnr"], progress=False)
+    evaluate_run(run_dir, ["psnr"], progress=False, checks=False)
     rows = _rows(run_dir)
     assert sorted(r["metric"] for r in rows) == [
         "psnr",
@@ -173,7 +191,7 @@ def test_missing_images_are_reported_not_fatal(run_dir, caplog):
     (run_dir / "images/int8/json/bike_s0.png").unlink()
     (run_dir / "images/fp8/json/sale_s0.png").unlink()
     with caplog.at_level(logging.WARNING, logger="ditq.metrics"):
-        result = evaluate_run(run_dir, ["psnr", "ocr_exact"], progress=False)
+        result = evaluate_run(run_dir, ["psnr", "ocr_exact"], progress=False, checks=False)
     missing = ["images/fp8/json/sale_s0.png", "images/int8/json/bike_s0.png"]
     assert result.missing_images == missing
     info = json.loads((run_dir / "metrics.json").read_text())
@@ -186,27 +204,31 @@ def test_missing_images_are_reported_not_fatal(run_dir, caplog):
     # Once the image is back, a rerun fills in its rows.
     Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(run_dir / "images/int8/json/bike_s0.png")
     result = evaluate_run(run_dir, ["psnr"], progress=False)
-    assert result.new_rows == {"psnr": 1}
+    assert result.new_rows == {"blocked": 3, "psnr": 1}  # the check runs on every readable image
     assert result.missing_images == ["images/fp8/json/sale_s0.png"]
 
 
 def test_resolve_metrics_accepts_names_objects_and_comma_lists():
     from ditq.metrics import resolve_metrics
 
-    psnr_metric = METRICS.get("psnr")
-    assert resolve_metrics("psnr, ssim") == [psnr_metric, METRICS.get("ssim")]
-    assert resolve_metrics(["psnr", psnr_metric]) == [psnr_metric]
-    assert [m.name for m in resolve_metrics(None)] == METRICS.names()
+    psnr_metric, blocked = METRICS.get("psnr"), METRICS.get("blocked")
+    assert resolve_metrics("psnr, ssim", checks=False) == [psnr_metric, METRICS.get("ssim")]
+    assert resolve_metrics("psnr, ssim") == [blocked, psnr_metric, METRICS.get("ssim")]  # checks first
+    assert resolve_metrics(["psnr", psnr_metric, "blocked"]) == [blocked, psnr_metric]
+    assert sorted(m.name for m in resolve_metrics(None)) == METRICS.names()
+    assert [m.name for m in resolve_metrics(None, checks=False)] == [
+        n for n in METRICS.names() if n != "blocked"
+    ]
 
 
 def test_unknown_metric_lists_known_names(run_dir):
-    with pytest.raises(ConfigError, match="unknown metric 'nope'; known: clip_score, hpsv2, lpips"):
+    with pytest.raises(ConfigError, match="unknown metric .nope.; known: blocked, clip_score, hpsv2, lpips"):
         evaluate_run(run_dir, ["psnr", "nope"], progress=False)
     assert not (run_dir / "scores.csv").exists()
 
 
 def test_reference_variant_without_images_makes_fidelity_unavailable(run_dir):
-    result = evaluate_run(run_dir, ["psnr"], reference="bf16", progress=False)
+    result = evaluate_run(run_dir, ["psnr"], reference="bf16", progress=False, checks=False)
     assert not result.statuses["psnr"].available
     assert "bf16" in result.statuses["psnr"].reason
     assert _rows(run_dir) == []
@@ -230,11 +252,12 @@ def test_size_mismatch_with_reference_is_an_error(run_dir):
 def test_cli_eval_writes_scores_and_resumes(run_dir, capsys):
     assert main(["eval", str(run_dir), "--metrics", "psnr,ssim", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "psnr: 2 new rows" in out and "scores.csv" in out
-    assert len(_rows(run_dir)) == 4
-    assert main(["eval", str(run_dir), "--metrics", "psnr,ssim", "--no-progress"]) == 0
-    assert "psnr: 0 new rows" in capsys.readouterr().out
-    assert len(_rows(run_dir)) == 4
+    assert "psnr: 2 new rows" in out and "blocked: 4 new rows" in out and "scores.csv" in out
+    assert len(_rows(run_dir)) == 8
+    assert main(["eval", str(run_dir), "--metrics", "psnr,ssim", "--no-progress", "--no-checks"]) == 0
+    out = capsys.readouterr().out
+    assert "psnr: 0 new rows" in out and "blocked" not in out
+    assert len(_rows(run_dir)) == 8
 
 
 def test_cli_eval_unknown_metric_is_a_clean_error(run_dir, capsys):

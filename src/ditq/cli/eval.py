@@ -15,7 +15,11 @@ weights are read from local files only (nothing is downloaded):
               (default: yuvalkirstain/PickScore_v1, laion/CLIP-ViT-H-14-laion2B-s32B-b79K)
   hpsv2       $DITQ_HPSV2_CHECKPOINT, $DITQ_HPSV2_PROCESSOR
               (default: HPS_v2.1_compressed.pt of xswu/HPSv2, laion/CLIP-ViT-H-14-laion2B-s32B-b79K)
-a metric whose weights are missing is reported unavailable in metrics.json and writes no scores."""
+a metric whose weights are missing is reported unavailable in metrics.json and writes no scores.
+the sha256 of every weight file loaded is recorded in metrics.json and shown in the report; pin them with
+  --expect-hash clip_score=SHA256 (one per file: LPIPS has two), and eval refuses any other weights.
+the blocked check (the safety-filter placeholder: uniform grey + OCR) runs with every metric set, so that the
+report can leave blocked images out of quality means; --no-checks skips it."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -35,6 +39,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--reference", help="variant fidelity metrics compare against (default: run.json's reference_variant)"
     )
+    parser.add_argument(
+        "--expect-hash",
+        action="append",
+        default=[],
+        metavar="METRIC=SHA256",
+        help="refuse to score METRIC unless its weight files have exactly these sha256 values (repeatable)",
+    )
+    parser.add_argument("--no-checks", action="store_true", help="do not run the blocked-image check")
     parser.add_argument(
         "--list-metrics", action="store_true", help="list the metrics and whether each can run"
     )
@@ -56,6 +68,7 @@ def _list_metrics() -> int:
 
 def run(args: argparse.Namespace) -> int:
     from ditq.metrics import evaluate_run
+    from ditq.metrics.weights import parse_expected_hashes
 
     if args.list_metrics:
         return _list_metrics()
@@ -66,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         names = [n.strip() for n in args.metrics.split(",") if n.strip()]
         if not names:
             raise ConfigError(f"--metrics {args.metrics!r} names no metric")
+    expected = parse_expected_hashes(args.expect_hash)
     result = evaluate_run(
         args.run,
         names,
@@ -73,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         reference=args.reference,
         progress=not args.no_progress,
+        expect_hashes=expected,
+        checks=not args.no_checks,
     )
     for name, status in result.statuses.items():
         if status.available:

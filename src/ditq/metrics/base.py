@@ -6,25 +6,29 @@ A metric is a small object with a few class attributes and a batched `score`:
 - `higher_is_better`: how to read a difference between variants.
 - `reference`: `"fp8"` for a metric that compares an image with the reference variant's image of the same
   prompt, seed and caption mode (fidelity), `None` for a standalone metric.
-- `family`: `"fidelity"`, `"text"` or `"preference"`.
+- `family`: `"fidelity"`, `"text"` or `"preference"`; or `"check"` for a per-image check that is not a quality
+  score (`blocked`: the image is the safety-filter placeholder), which `ditq eval` runs with every metric set.
 - `needs_texts`: the metric scores the ground-truth strings of a prompt; prompts with none get no score.
 
 `status()` says whether the metric can run here (weights found, packages importable) and why not, without
 loading anything heavy. `load(device)` builds the models once; `score(items)` returns one float per item, or
 `None` where the item has nothing to score. A metric that is unavailable never produces a number.
+`weight_files()` lists the files `load` reads (model weights), so `ditq eval` can record their sha256 and refuse
+unexpected ones (`--expect-hash`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
 from ditq.registry import Registry
 
-FAMILIES = ("fidelity", "text", "preference")
+FAMILIES = ("fidelity", "text", "preference", "check")
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,10 @@ class Metric:
     def model(self) -> str | None:
         """What the metric runs on (a model id, a weights file), for metrics.json; None for pure formulas."""
         return None
+
+    def weight_files(self) -> list[Path]:
+        """The weight files `load` would read, as found now ([] for formulas or when nothing is found)."""
+        return []
 
     def load(self, device: str = "cpu") -> None:
         """Build whatever `score` needs; raises `CheckpointError` when weights cannot be read."""

@@ -9,13 +9,20 @@ metrics.json:
 
     {"version": 1, "ditq_version": "...", "reference_variant": "fp8",
      "metrics": {name: {"available": bool, "reason": str | null, "higher_is_better": bool,
-                        "reference": "fp8" | null, "family": "fidelity" | "text" | "preference",
-                        "model": str | null, "rows": int, "without_reference": int}},
+                        "reference": "fp8" | null, "family": "fidelity" | "text" | "preference" | "check",
+                        "model": str | null, "rows": int, "without_reference": int,
+                        "weights": [{"file", "path", "bytes", "mtime_ns", "sha256"}, ...],
+                        "flagged": int, "flagged_images": [path, ...]}},
      "missing_images": ["images/<variant>/<caption_mode>/<prompt_id>_s<seed>.png", ...]}
 
 `reference` is the reference variant actually used (null for standalone metrics); `rows` counts the metric's
 rows in scores.csv; `without_reference` (fidelity only) counts images skipped because the reference variant
-has no readable image of their prompt, seed and caption mode. Metrics not run this time keep their entry.
+has no readable image of their prompt, seed and caption mode; `weights` (metrics that read weight files) pins
+what was loaded (`ditq.metrics.weights`); `flagged` and `flagged_images` (checks only: `blocked`) list the images
+whose check value is 1. Metrics not run this time keep their entry.
+
+Checks (family "check") run with every metric set unless `checks=False`, first, so the report can leave
+flagged images out of every quality mean.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +49,7 @@ from ditq.metrics.runfolder import (
     load_image,
     write_json_atomic,
 )
+from ditq.metrics.weights import check_expected, hash_weights
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +67,14 @@ class EvalResult:
     missing_images: list[str] = field(default_factory=list)
 
 
-def resolve_metrics(metrics: Iterable[str | Metric] | None) -> list[Metric]:
-    """Metric objects for names or objects (None: every registered metric); unknown names raise ConfigError."""
+def resolve_metrics(metrics: Iterable[str | Metric] | None, *, checks: bool = True) -> list[Metric]:
+    """Metric objects for names or objects (None: every registered metric); unknown names raise ConfigError.
+
+    With `checks`, every registered check (family "check", e.g. `blocked`) is included too; checks come first.
+    """
     if metrics is None:
-        return [METRICS.get(name) for name in METRICS]
-    if isinstance(metrics, str):  # "psnr,ssim"
+        metrics = [name for name in METRICS if checks or METRICS.get(name).family != "check"]
+    elif isinstance(metrics, str):  # "psnr,ssim"
         metrics = [name.strip() for name in metrics.split(",") if name.strip()]
     resolved: list[Metric] = []
     for entry in metrics:
@@ -72,7 +83,10 @@ def resolve_metrics(metrics: Iterable[str | Metric] | None) -> list[Metric]:
             raise ConfigError(f"metrics must be names or Metric objects, got {entry!r}")
         if metric.name not in {m.name for m in resolved}:
             resolved.append(metric)
-    return resolved
+    if checks:
+        listed = {m.name for m in resolved}
+        resolved += [METRICS.get(n) for n in METRICS if METRICS.get(n).family == "check" and n not in listed]
+    return [m for m in resolved if m.family == "check"] + [m for m in resolved if m.family != "check"]
 
 
 class _Evaluation:
@@ -177,16 +191,21 @@ def evaluate_run(
     batch_size: int = 8,
     reference: str | None = None,
     progress: bool = True,
+    expect_hashes: Mapping[str, Iterable[str]] | None = None,
+    checks: bool = True,
 ) -> EvalResult:
     """Score a run folder's images, resuming from its scores.csv; writes scores.csv and metrics.json.
 
     run_dir: a folder with run.json, prompts.jsonl, manifest.jsonl and the images.
-    metrics: names or Metric objects (default: every registered metric).
+    metrics: names or Metric objects (default: every registered metric); the checks (`blocked`) are added
+    unless `checks=False`.
     reference: the variant fidelity metrics compare against (default: run.json's "reference_variant", or fp8).
+    expect_hashes: {metric: sha256 values} the metric's weight files must have exactly; anything else raises
+    ConfigError before any image is scored (`ditq.metrics.weights`).
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-    chosen = resolve_metrics(metrics)
+    chosen = resolve_metrics(metrics, checks=checks)
     run = RunFolder.read(run_dir)
     reference = reference or run.run.get("reference_variant") or "fp8"
     state = _Evaluation(run, reference, device, batch_size, progress)
@@ -195,8 +214,10 @@ def evaluate_run(
 
     metrics_path = run.root / "metrics.json"
     entries = _previous_entries(metrics_path)
+    weights = _pinned_weights(chosen, entries, {k: set(v) for k, v in (expect_hashes or {}).items()})
     statuses: dict[str, MetricStatus] = {}
     new_rows: dict[str, int] = {}
+    paths = {(im.variant, im.prompt_id, im.seed, im.caption_mode): im.path for im in run.images}
     try:
         for metric in chosen:
             status = metric.status()
@@ -226,6 +247,15 @@ def evaluate_run(
             entry["rows"] = state.table.count(metric.name)
             if metric.reference is not None:
                 entry["without_reference"] = without_reference
+            if metric.name in weights:
+                entry["weights"] = [w.as_dict() for w in weights[metric.name]]
+            elif status.available and metric.weight_files():
+                previous = entries.get(metric.name, {}).get("weights") or []
+                entry["weights"] = [w.as_dict() for w in hash_weights(metric.weight_files(), previous)]
+            if metric.family == "check":
+                flagged = sorted(paths.get(key[:4], "") for key in state.table.flagged(metric.name))
+                entry["flagged"] = len(flagged)
+                entry["flagged_images"] = flagged
             entries[metric.name] = entry
     finally:
         if not state.table.path.exists():
@@ -249,6 +279,29 @@ def evaluate_run(
         new_rows=new_rows,
         missing_images=missing,
     )
+
+
+def _pinned_weights(
+    chosen: Sequence[Metric], entries: dict[str, dict], expected: dict[str, set[str]]
+) -> dict[str, list]:
+    """Hash and check the weights of every metric named in `expected`, before anything is scored."""
+    by_name = {m.name: m for m in chosen}
+    unknown = sorted(set(expected) - set(by_name))
+    if unknown:
+        raise ConfigError(
+            f"--expect-hash names {', '.join(unknown)}, not among the metrics evaluated ({', '.join(by_name)})"
+        )
+    pinned = {}
+    for name, digests in expected.items():
+        metric = by_name[name]
+        status = metric.status()
+        if not status.available:
+            raise ConfigError(f"--expect-hash {name}=...: {name} is unavailable: {status.reason}")
+        previous = entries.get(name, {}).get("weights") or []
+        files = hash_weights(metric.weight_files(), previous)
+        check_expected(name, files, digests)
+        pinned[name] = files
+    return pinned
 
 
 def _previous_entries(path: Path) -> dict[str, dict]:

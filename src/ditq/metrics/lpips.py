@@ -193,6 +193,10 @@ class LPIPS(Metric):
             f"LPIPS alex-lin v0.1 (backbone {backbone or ALEXNET_FILE}, lin {lin or 'weights/v0.1/alex.pth'})"
         )
 
+    def weight_files(self) -> list[Path]:
+        backbone, lin, _ = self._resolve()
+        return [p for p in (backbone, lin) if p is not None]
+
     def load(self, device: str = "cpu") -> None:
         if self._net is not None and self._device == device:
             return

@@ -20,6 +20,7 @@ When a source is absent the metric is unavailable, with a reason naming what it 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -84,6 +85,34 @@ def find_file(source: str, default_repo: str, filename: str) -> tuple[str | None
     if found is None:
         return None, f"{filename} of {repo} not in the local Hugging Face cache"
     return found, None
+
+
+def weight_paths(source: str) -> list[Path]:
+    """The weight files `from_pretrained` reads for a folder or a cached hub id, in its order of preference
+    (safetensors first); the shards of an index. [] when none is found."""
+    folder = Path(source).expanduser()
+
+    def lookup(name: str) -> Path | None:
+        if folder.is_dir():
+            return folder / name if (folder / name).is_file() else None
+        if _REPO_ID.match(source):
+            found = _cached_file(source, name)
+            return Path(found) if found else None
+        return None
+
+    for name in WEIGHT_FILES:
+        found = lookup(name)
+        if found is None:
+            continue
+        if not name.endswith(".index.json"):
+            return [found]
+        try:
+            weight_map = json.loads(found.read_text(encoding="utf-8")).get("weight_map", {})
+            shards = sorted({str(v) for v in weight_map.values()})
+        except (OSError, ValueError, AttributeError):
+            return [found]
+        return [found, *[p for p in map(lookup, shards) if p is not None]]
+    return []
 
 
 def load_processor(source: str):
@@ -153,6 +182,10 @@ class ClipPreference(Metric):
     def model(self) -> str | None:
         model, processor = self.model_source(), self.processor_source()
         return model if processor == model else f"{model} (processor {processor})"
+
+    def weight_files(self) -> list[Path]:
+        model, _processor, problem = self._resolve()
+        return [] if problem or model is None else weight_paths(model)
 
     # -- loading
     def build_model(self, source: str, tokenizer):
@@ -287,6 +320,10 @@ class HPSv2(ClipPreference):
             or f"{self.default_model}/{self.checkpoint_file}"
         )
         return f"{source} (open_clip ViT-H-14; processor {self.processor_source()})"
+
+    def weight_files(self) -> list[Path]:
+        found, problem = self._resolve_model()
+        return [] if problem or found is None else [Path(found)]
 
     def build_model(self, source: str, tokenizer):
         from ditq.metrics.openclip import clip_model_from_openclip

@@ -209,6 +209,10 @@ class ScoreTable:
     def count(self, metric: str) -> int:
         return sum(1 for key in self.rows if key[4] == metric)
 
+    def flagged(self, metric: str) -> list[RowKey]:
+        """Keys of the rows of a check metric whose value is 1 (at least 0.5)."""
+        return [key for key, row in self.rows.items() if key[4] == metric and float(row["value"]) >= 0.5]
+
     def write(self) -> None:
         """Replace scores.csv atomically with the sorted rows."""
         ordered = sorted(
