@@ -1,10 +1,12 @@
 """Safetensors reading and writing, tensor by tensor.
 
-`TensorSource` opens one file or a sharded set (`*.safetensors.index.json`) lazily: headers are parsed and checked
-up front (a truncated or corrupt file is reported with its name before any work starts) and tensors are read one at a
-time through a memory map. `StreamingSafetensorsWriter` writes a file whose tensor list is declared first, then
-filled one tensor at a time, so converting a 9B-parameter model never holds more than one tensor in memory; it
-writes to a temporary name and renames when complete.
+`TensorSource` opens one file or a sharded set (`*.safetensors.index.json`) lazily: every header is parsed and
+checked up front, at least as strictly as the safetensors library does (`safetensors_header`), so a truncated,
+corrupt or inconsistent file is reported with its name before any work starts; a shard index must be valid JSON
+whose `weight_map` names, for every tensor, a regular file inside the folder that holds it. Tensors are then read
+one at a time with positioned reads. `StreamingSafetensorsWriter` writes a file whose tensor list is declared
+first, then filled one tensor at a time, so converting a 9B-parameter model never holds more than one tensor in
+memory; it writes to a temporary name and renames when complete.
 """
 
 from __future__ import annotations
@@ -20,97 +22,82 @@ import numpy as np
 import torch
 
 from ditq.errors import CheckpointError
+from ditq.io.safetensors_header import (
+    DTYPE_NAMES,
+    DTYPES,
+    TensorInfo,
+    load_json,
+    open_regular,
+    read_header,
+)
+
+__all__ = [
+    "DTYPES",
+    "DTYPE_NAMES",
+    "StreamingSafetensorsWriter",
+    "TensorInfo",
+    "TensorSource",
+    "read_header",
+    "read_shard_index",
+    "save_safetensors",
+]
 
 log = logging.getLogger(__name__)
-
-# safetensors dtype names <-> torch dtypes
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_INDEX = 100_000_000
 
 
-class TensorInfo:
-    __slots__ = ("name", "dtype", "shape", "file", "begin", "end")
-
-    def __init__(
-        self, name: str, dtype: torch.dtype, shape: tuple[int, ...], file: Path, begin: int, end: int
-    ):
-        self.name, self.dtype, self.shape, self.file, self.begin, self.end = (
-            name,
-            dtype,
-            shape,
-            file,
-            begin,
-            end,
-        )
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-    def __repr__(self) -> str:
-        return f"TensorInfo({self.name!r}, {self.dtype}, {self.shape})"
+def _link_root(folder: Path) -> Path:
+    """Where symlinks of `folder` may point: the folder itself, or, in a Hugging Face cache snapshot
+    (`models--org--name/snapshots/<rev>/...`, whose files link into `models--org--name/blobs/`), that repository."""
+    parts = folder.absolute().parts
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i].startswith("models--") and parts[i + 1] == "snapshots":
+            return Path(*parts[: i + 1]).resolve()
+    return folder.resolve()
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and check one safetensors header: returns tensor infos and the `__metadata__` dict."""
-    path = Path(path)
+def read_shard_index(index: Path) -> dict[str, Path]:
+    """{tensor name: shard file} from a `*.safetensors.index.json`. Refuses, naming the index and the entry:
+    unreadable or corrupt JSON, a `weight_map` that is not an object of strings, and a shard path that is absolute,
+    climbs out of the index's folder (`..`), or is a symlink pointing outside it (a Hugging Face cache snapshot's
+    links into its own `blobs/` are followed)."""
+    index = Path(index)
+    folder = index.parent
+    root = _link_root(folder)
+    fd = open_regular(index)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(_MAX_HEADER, size - 8):
-                raise CheckpointError(
-                    f"{path}: corrupt or truncated safetensors file (header claims {n} bytes, file has {size})"
-                )
-            raw = f.read(n)
+        size = os.fstat(fd).st_size
+        if size > _MAX_INDEX:
+            raise CheckpointError(f"{index}: shard index of {size} bytes is larger than {_MAX_INDEX}")
+        raw = os.pread(fd, size, 0)
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read: {exc}") from None
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (expected a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + n
-    infos: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has a malformed header entry: {entry!r}"
-            ) from None
-        expected = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
-        if end - begin != expected:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} occupies {end - begin} bytes, expected {expected} for {dtype} {list(shape)}"
-            )
-        if data_start + end > size:
-            raise CheckpointError(
-                f"{path}: truncated: tensor {name!r} ends at byte {data_start + end}, file has {size} bytes"
-            )
-        infos[name] = TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end)
-    return infos, metadata
+        raise CheckpointError(f"{index}: cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    data = load_json(index, raw, "shard index")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{index}: shard index is a JSON {type(data).__name__}, expected an object")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: 'weight_map' is {type(weight_map).__name__}, expected an object")
+    files: dict[str, Path] = {}
+    shards: dict[str, Path] = {}
+    for name, rel in weight_map.items():
+        where = f"{index}: weight_map entry {name!r}"
+        if not isinstance(rel, str) or not rel:
+            raise CheckpointError(f"{where} is {rel!r}, expected a file name")
+        if rel not in shards:
+            p = Path(rel)
+            if p.is_absolute() or ".." in p.parts:
+                raise CheckpointError(f"{where}: shard path {rel!r} must be relative and inside {folder}")
+            target = (folder / p).resolve()
+            if not target.is_relative_to(root):
+                raise CheckpointError(f"{where}: shard {rel!r} is a link to {target}, outside {folder}")
+            if not target.exists():
+                raise CheckpointError(f"{where}: lists shard {rel}, which is missing")
+            shards[rel] = folder / p
+        files[name] = shards[rel]
+    return files
 
 
 class TensorSource:
@@ -122,35 +109,54 @@ class TensorSource:
         self.metadata: dict[str, str] = {}
         self._infos: dict[str, TensorInfo] = {}
         self._fds: dict[Path, int] = {}
-        for file in self._files(path):
+        files, listed = self._files(path)
+        for file in files:
             infos, metadata = read_header(file)
             for name in infos:
                 if name in self._infos:
                     raise CheckpointError(f"{file}: tensor {name!r} also appears in {self._infos[name].file}")
             self._infos.update(infos)
             self.metadata.update(metadata)
+        if listed is not None:
+            self._check_index(listed)
 
     @staticmethod
-    def _files(path: Path) -> list[Path]:
-        if path.is_file():
-            return [path]
+    def _files(path: Path) -> tuple[list[Path], tuple[Path, dict[str, Path]] | None]:
+        """The files to read, and (index, its weight_map) when the folder is sharded."""
         if not path.is_dir():
-            raise CheckpointError(f"{path}: no such file or folder")
+            if not os.path.lexists(path):
+                raise CheckpointError(f"{path}: no such file or folder")
+            return [path], None  # read_header refuses anything but a regular file
         indexes = sorted(path.glob("*.safetensors.index.json"))
+        if len(indexes) > 1:
+            raise CheckpointError(
+                f"{path}: {len(indexes)} shard indexes ({', '.join(i.name for i in indexes)}); expected one"
+            )
         if indexes:
-            try:
-                weight_map = json.loads(indexes[0].read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise CheckpointError(f"{indexes[0]}: corrupt shard index ({exc})") from None
-            files = sorted({path / f for f in weight_map.values()})
-            for f in files:
-                if not f.is_file():
-                    raise CheckpointError(f"{indexes[0]}: lists shard {f.name}, which is missing")
-            return files
+            weight_map = read_shard_index(indexes[0])
+            return sorted(set(weight_map.values())), (indexes[0], weight_map)
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{path}: no .safetensors file")
-        return files
+        return files, None
+
+    def _check_index(self, listed: tuple[Path, dict[str, Path]]) -> None:
+        """Every tensor sits in the shard the index names for it, and the index names every tensor."""
+        index, weight_map = listed
+        for name, file in weight_map.items():
+            info = self._infos.get(name)
+            if info is None:
+                raise CheckpointError(f"{index}: weight_map entry {name!r}: {file.name} holds no such tensor")
+            if info.file != file:
+                raise CheckpointError(
+                    f"{index}: weight_map entry {name!r} names {file.name}, but the tensor is in {info.file.name}"
+                )
+        unlisted = [n for n in self._infos if n not in weight_map]
+        if unlisted:
+            raise CheckpointError(
+                f"{index}: {len(unlisted)} tensors of the shards are not in weight_map, e.g. {unlisted[0]!r} in "
+                f"{self._infos[unlisted[0]].file.name}"
+            )
 
     def __contains__(self, name: object) -> bool:
         return name in self._infos
@@ -189,7 +195,7 @@ class TensorSource:
         if length:
             fd = self._fds.get(info.file)
             if fd is None:
-                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+                fd = self._fds[info.file] = open_regular(info.file)
             view = memoryview(buf)
             done = 0
             while done < length:
