@@ -64,36 +64,51 @@ def ensure_calibration(args, out: Path, settings) -> Path:
     return path
 
 
+def _bench_recipe(name: str, args, stats):
+    from ditq.quant.recipes import parse_recipe
+
+    if name == "int8":
+        return parse_recipe("int8", alpha=args.alpha, smoothquant=stats is not None)
+    return parse_recipe(name)
+
+
 def run_bench(args, variant_names: list[str], build_spec: Callable, on_step: Callable[[str], None]):
     from ditq.metrics import evaluate_run
-    from ditq.quant.recipes import RECIPES, quantize_pipeline
+    from ditq.quant.recipes import recipe_names
+    from ditq.quant.writer import quantize_pipeline
     from ditq.report import build_report
     from ditq.runs.generation import run_generation
 
     out: Path = args.output
-    unknown = [v for v in variant_names if v != args.reference and v not in RECIPES]
+    known = recipe_names()
+    unknown = [v for v in variant_names if v != args.reference and not all(p in known for p in v.split("+"))]
     if unknown:
         raise ConfigError(
-            f"--variants: unknown variant(s) {', '.join(unknown)}; known: {args.reference}, {', '.join(RECIPES.names())}"
+            f"--variants: unknown variant(s) {', '.join(unknown)}; known: {args.reference}, {', '.join(known)}, "
+            "or a per-branch mix such as int8+q4_k"
         )
     if args.reference not in variant_names:
         variant_names = [args.reference, *variant_names]
     # Settings first (from the reference model's defaults), so calibration follows the run's schedule.
     spec0 = build_spec(args, {args.reference: args.model})
     stats = None
-    if "int8" in variant_names:
+    if any("int8" in v.split("+") for v in variant_names):
         on_step("calibrating int8 on held-out captions")
-        from ditq.quant.int8.calibrate import CalibrationStats
-
-        stats = CalibrationStats.load(ensure_calibration(args, out, spec0.settings))
+        stats = ensure_calibration(args, out, spec0.settings)
     variants = {args.reference: args.model}
     for name in variant_names:
         if name == args.reference:
             continue
         folder = out / "variants" / name
         on_step(f"quantizing {name} -> {folder}")
-        options = {"stats": stats, "alpha": args.alpha, "progress": True}
-        quantize_pipeline(args.model, folder, name, options)
+        cond, _, uncond = name.partition("+")
+        quantize_pipeline(
+            args.model,
+            _bench_recipe(cond, args, stats),
+            folder,
+            uncond_recipe=_bench_recipe(uncond, args, stats) if uncond else None,
+            stats=stats,
+        )
         variants[name] = str(folder)
     spec = build_spec(args, variants)
     run_dir = out / "run"

@@ -70,17 +70,18 @@ def _quiet_numba_threads():
 @pytest.fixture(scope="session")
 def ditq_q4k_dir(tiny_fp8_dir, tmp_path_factory):
     """ditq's own GGUF Q4_K pipeline folder (sd.cpp's quantization rule, general.architecture = ideogram)."""
-    from ditq.quant.recipes import quantize_pipeline
+    from ditq.quant.writer import quantize_pipeline
 
     return quantize_pipeline(
-        str(tiny_fp8_dir), tmp_path_factory.mktemp("q4k") / "q4_k", "q4_k", {"progress": False}
+        str(tiny_fp8_dir), "q4_k", tmp_path_factory.mktemp("q4k") / "q4_k", progress=False
     )
 
 
 @pytest.fixture(scope="session")
 def ditq_int8_dir(tiny_fp8_dir, tmp_path_factory):
     """ditq's own INT8 pipeline folder (ComfyUI comfy_quant layout, conditioning path kept bf16)."""
-    from ditq.quant.recipes import quantize_pipeline
+    from ditq.quant.recipes import Int8Recipe
+    from ditq.quant.writer import quantize_pipeline
 
     out = tmp_path_factory.mktemp("int8") / "int8"
-    return quantize_pipeline(str(tiny_fp8_dir), out, "int8", {"progress": False})
+    return quantize_pipeline(str(tiny_fp8_dir), Int8Recipe(smoothquant=False), out, progress=False)

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from ditq.cli import main
+from ditq.models.loading import pipeline_info
 
 from .builders import rewrite_gguf, write_comfy_int8
 
@@ -30,13 +31,13 @@ def test_export_then_check_then_import(ditq_q4k_dir, tiny_fp8_dir, tmp_path, cap
     assert main(["convert", str(cond), "--from", "auto", "--base", str(tiny_fp8_dir), "-o", str(dst)]) == 0
     record = json.loads((dst / "ditq.json").read_text())
     assert (
-        record["format"] == "gguf"
+        record["formats"]["transformer"] == "gguf"
         and record["imported"]["unconditional_transformer"]["layout"] == "sdcpp-gguf"
     )
     from ditq.models.loading import load_pipeline
 
     pipe = load_pipeline(dst)
-    assert pipe.ditq_info.formats["unconditional_transformer"]["gguf"] > 0
+    assert pipeline_info(pipe).formats["unconditional_transformer"]["gguf"] > 0
 
 
 def test_export_encodes_gguf_from_fp8_with_a_prefix_for_comfyui(tiny_fp8_dir, tmp_path, capsys):
@@ -77,7 +78,7 @@ def test_int8_check_and_import_of_a_comfyui_file(tiny_fp8_dir, float_states, tmp
         == 0
     )
     assert capsys.readouterr().out.strip() == str(dst)
-    assert json.loads((dst / "ditq.json").read_text())["format"] == "int8"
+    assert json.loads((dst / "ditq.json").read_text())["formats"]["transformer"] == "int8"
 
 
 def test_bad_input_exits_2_with_a_clear_message(float_states, tiny_fp8_dir, tmp_path, capsys):

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from ditq.formats.fp8 import Fp8Linear
-from ditq.models.loading import load_pipeline
+from ditq.models.loading import load_pipeline, pipeline_info
 from ditq.models.sampling import generate
 
 
@@ -46,7 +46,7 @@ def test_load_pipeline_fp8_weights_stay_e4m3(loaded_fp32):
         assert len(fp8) == sum(1 for m in model.modules() if isinstance(m, (torch.nn.Linear, Fp8Linear)))
         assert all(m.weight.dtype == torch.float8_e4m3fn for m in fp8)
         assert all(m.weight_scale.dtype == torch.float32 for m in fp8)
-    assert loaded_fp32.ditq_info.formats["text_encoder"]["fp8"] > 0
+    assert pipeline_info(loaded_fp32).formats["text_encoder"]["fp8"] > 0
 
 
 def test_load_pipeline_matches_independent_dequantization(

@@ -26,8 +26,9 @@ from safetensors.torch import load_file, save_file
 
 from ditq.errors import CheckpointError, ConfigError
 from ditq.gguf import quantize as ditq_quantize
-from ditq.quant.recipes import quantize_pipeline
-from ditq.quant.recipes.gguf import GGUFRecipe, storage_type
+from ditq.models.loading import pipeline_info
+from ditq.quant.recipes.gguf import GGUFRecipe
+from ditq.quant.writer import quantize_pipeline
 
 TRANSFORMERS = ("transformer", "unconditional_transformer")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -98,7 +99,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def q4k_dir(tiny_fp8_dir, tmp_path_factory) -> Path:
-    return quantize_pipeline(str(tiny_fp8_dir), tmp_path_factory.mktemp("gguf") / "q4_k", "q4_k", NO_PROGRESS)
+    return quantize_pipeline(
+        str(tiny_fp8_dir), "q4_k", tmp_path_factory.mktemp("gguf") / "q4_k", progress=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +155,7 @@ def test_q4_k_file_is_read_by_gguf_py_with_official_names_and_metadata(q4k_dir, 
         assert "layers.0.attention.qkv.weight" in names and "layers.0.attention.o.weight" in names
         assert not any(n.startswith("model.diffusion_model.") or "to_q" in n or "scale" in n for n in names)
     recorded = json.loads((q4k_dir / "ditq.json").read_text())
-    assert recorded["format"] == "gguf" and recorded["recipe"]["name"] == "q4_k"
+    assert recorded["formats"]["transformer"] == "gguf" and recorded["variant"] == "q4_k"
     assert not (q4k_dir.parent / "q4_k.partial").exists()
 
 
@@ -163,7 +166,7 @@ def test_q4_k_tensors_follow_the_rule_and_equal_the_codec_of_the_reference(q4k_d
 
 
 def test_q4_k_m_moves_qkv_and_ffn_down_to_q5_k(tiny_fp8_dir, tmp_path):
-    out = quantize_pipeline(str(tiny_fp8_dir), tmp_path / "q4_k_m", "q4_k_m", NO_PROGRESS)
+    out = quantize_pipeline(str(tiny_fp8_dir), "q4_k_m", tmp_path / "q4_k_m", progress=False)
     types = check_gguf_against_source(out, tiny_fp8_dir, Q.Q4_K, mix=True)
     assert types == {"Q4_K": 16, "Q5_K": 8, "BF16": 14, "F32": 46}
     reader = GGUFReader(out / "transformer" / GGUF_FILE)
@@ -176,7 +179,7 @@ def test_q4_k_pipeline_loads_and_generates_close_to_fp8(q4k_dir, tiny_settings, 
 
     pipe = load_pipeline(q4k_dir)
     # 2 blocks x (to_q, to_k, to_v, to_out.0, w1, w2, w3, adaln_modulation)
-    assert pipe.ditq_info.formats["transformer"].get("gguf") == 2 * 8
+    assert pipeline_info(pipe).formats["transformer"].get("gguf") == 2 * 8
     # the loaded q/k/v rows are gguf-py's decoding of the fused qkv rows
     reader = GGUFReader(q4k_dir / "transformer" / GGUF_FILE)
     qkv = next(t for t in reader.tensors if t.name == "layers.1.attention.qkv.weight")
@@ -233,19 +236,21 @@ def test_inspect_q4_k_files_match_the_prediction_within_header_overhead(q4k_dir,
         assert size - predicted < 16 * 1024
 
 
-def test_storage_type_falls_back_to_q8_0_then_bf16():
-    recipe = GGUFRecipe(name="q4_k")
+def test_tensor_type_falls_back_to_q8_0_then_bf16():
+    recipe = GGUFRecipe(type="q4_k")
     w1 = "layers.3.feed_forward.w1.weight"
-    assert storage_type(w1, (12288, 4608), recipe) == (Q.Q4_K, "")
-    qtype, note = storage_type(w1, (512, 320), recipe)  # 320 = 10 x 32, not a multiple of 256
+    assert recipe.tensor_type(w1, (12288, 4608)) == (Q.Q4_K, "")
+    qtype, note = recipe.tensor_type(w1, (512, 320))  # 320 = 10 x 32, not a multiple of 256
     assert qtype == Q.Q8_0 and "320" in note
-    qtype, note = storage_type(w1, (512, 300), recipe)  # not a multiple of 32 either
+    qtype, note = recipe.tensor_type(w1, (512, 300))  # not a multiple of 32 either
     assert qtype == Q.BF16 and "300" in note
-    assert storage_type("layers.3.attention.qkv.weight", (768, 256), GGUFRecipe(name="q4_k_m"))[0] == Q.Q5_K
-    assert storage_type("layers.3.attention.o.weight", (256, 256), GGUFRecipe(name="q4_k_m"))[0] == Q.Q4_K
-    assert storage_type("layers.3.adaln_modulation.bias", (1024,), recipe)[0] == Q.F32
-    assert storage_type("llm_cond_proj.weight", (4608, 53248), recipe)[0] == Q.BF16
-    assert storage_type("embed_image_indicator.weight", (2, 256), recipe)[0] == Q.F32  # <= 1024 elements
+    mixed = GGUFRecipe(type="q4_k", mix=True)
+    assert mixed.name == "q4_k_m"
+    assert mixed.tensor_type("layers.3.attention.qkv.weight", (768, 256))[0] == Q.Q5_K
+    assert mixed.tensor_type("layers.3.attention.o.weight", (256, 256))[0] == Q.Q4_K
+    assert recipe.tensor_type("layers.3.adaln_modulation.bias", (1024,))[0] == Q.F32
+    assert recipe.tensor_type("llm_cond_proj.weight", (4608, 53248))[0] == Q.BF16
+    assert recipe.tensor_type("embed_image_indicator.weight", (2, 256))[0] == Q.F32  # <= 1024 elements
 
 
 def _narrow_ffn(component: Path, width: int) -> None:
@@ -268,7 +273,7 @@ def test_row_length_not_multiple_of_256_falls_back_to_q8_0_in_a_converted_checkp
     for comp in TRANSFORMERS:
         _narrow_ffn(tiny_fp8_copy / comp, 320)
     with caplog.at_level(logging.WARNING, logger="ditq.quant.recipes.gguf"):
-        out = quantize_pipeline(str(tiny_fp8_copy), tmp_path / "q4_k", "q4_k", NO_PROGRESS)
+        out = quantize_pipeline(str(tiny_fp8_copy), "q4_k", tmp_path / "q4_k", progress=False)
     logged = [r.getMessage() for r in caplog.records if "feed_forward.w2" in r.getMessage()]
     assert len(logged) == 4 and all("Q8_0" in m and "320" in m for m in logged)
 
@@ -316,7 +321,7 @@ def test_nonfinite_source_is_refused_naming_the_tensor(tiny_fp8_copy, tmp_path, 
     out = tmp_path / "q4_k"
     weight = key.replace("weight_scale", "weight")
     with pytest.raises(CheckpointError, match=re.escape(weight)):
-        quantize_pipeline(str(tiny_fp8_copy), out, "q4_k", NO_PROGRESS)
+        quantize_pipeline(str(tiny_fp8_copy), "q4_k", out, progress=False)
     assert not out.exists()
     partial = out.with_name("q4_k.partial")
     assert not (partial / "ditq.json").exists()
@@ -327,7 +332,7 @@ def test_nonfinite_source_is_refused_naming_the_tensor(tiny_fp8_copy, tmp_path, 
 
 def test_quantizing_an_already_quantized_folder_is_refused(q4k_dir, tmp_path):
     with pytest.raises(ConfigError, match="already quantized"):
-        quantize_pipeline(str(q4k_dir), tmp_path / "again", "q4_k", NO_PROGRESS)
+        quantize_pipeline(str(q4k_dir), "q4_k", tmp_path / "again", progress=False)
     assert not (tmp_path / "again").exists() and not (tmp_path / "again.partial").exists()
 
 
@@ -346,14 +351,14 @@ def test_interrupted_conversion_resumes_with_the_finished_transformer(tiny_fp8_d
     monkeypatch.setattr(gguf_recipe, "write_transformer_gguf", flaky)
     out = tmp_path / "q4_k"
     with pytest.raises(KeyboardInterrupt):
-        quantize_pipeline(str(tiny_fp8_dir), out, "q4_k", NO_PROGRESS)
+        quantize_pipeline(str(tiny_fp8_dir), "q4_k", out, progress=False)
     partial = tmp_path / "q4_k.partial"
     assert not out.exists()
     assert (partial / "transformer" / ".ditq-done.json").is_file()
     assert not (partial / "ditq.json").exists()
     first = (partial / "transformer" / GGUF_FILE).stat()
 
-    quantize_pipeline(str(tiny_fp8_dir), out, "q4_k", NO_PROGRESS)
+    quantize_pipeline(str(tiny_fp8_dir), "q4_k", out, progress=False)
     assert calls == ["transformer", "unconditional_transformer", "unconditional_transformer"]
     reused = (out / "transformer" / GGUF_FILE).stat()
     assert (reused.st_ino, reused.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)

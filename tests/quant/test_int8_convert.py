@@ -12,19 +12,20 @@ import torch
 
 from ditq.errors import CheckpointError, ConfigError
 from ditq.io.safetensors_io import TensorSource
-from ditq.models.loading import ensure_tiny_folder, load_pipeline, load_transformer
+from ditq.models.loading import ensure_tiny_folder, load_pipeline, load_transformer, pipeline_info
+from ditq.models.record import VariantRecord
 from ditq.quant.int8 import (
     Int8Linear,
-    Int8W8A8Config,
     SmoothQuantConfig,
     calibrate_pipeline,
     convert_transformer_int8,
     quantize_,
-    quantize_pipeline_int8,
     write_csv,
 )
 from ditq.quant.int8.calibrate import probe_inputs
 from ditq.quant.int8.sensitivity import FragilityRow
+from ditq.quant.recipes import Int8Recipe
+from ditq.quant.writer import quantize_pipeline
 
 # PSNR of the INT8 image against the FP8 image (same seed). Threshold: 40 dB is a mean squared error of 1e-4, an RMS
 # pixel error of ~2.5/255, far below visible differences and about the size of one 8-bit rounding step on every
@@ -49,7 +50,8 @@ def built(tmp_path_factory):
     stats = calibrate_pipeline(ref, captions, height=64, width=64, steps=4, progress=False, sample_tokens=32)
     stats_path = stats.save(root / "stats.safetensors")
     dst = root / "int8"
-    info = quantize_pipeline_int8(src, dst, stats_path, SmoothQuantConfig(), progress=False)
+    quantize_pipeline(src, Int8Recipe(), dst, stats=stats_path, progress=False)
+    info = VariantRecord.load(dst)
     return {
         "src": src,
         "ref": ref,
@@ -68,8 +70,8 @@ def _image(pipe, prompt="a red fox in the snow"):
 
 def test_int8_pipeline_loads_generates_and_stays_close_to_fp8(built):
     pipe = load_pipeline(built["dst"])
-    assert pipe.ditq_info.formats["transformer"]["int8"] == 15
-    assert pipe.ditq_info.variant == "int8-smoothquant"
+    assert pipeline_info(pipe).formats["transformer"]["int8"] == 15
+    assert pipeline_info(pipe).variant == "int8"
     assert isinstance(pipe.unconditional_transformer.layers[1].feed_forward.w2, Int8Linear)
     a, b = _image(pipe), _image(built["ref"])
     psnr = 10 * np.log10(1.0 / np.mean((a - b) ** 2))
@@ -138,68 +140,57 @@ def test_stats_from_another_model_name_the_layer(built, tmp_path):
         )
 
 
-def test_bad_input_is_refused(built, tmp_path):
-    with pytest.raises(CheckpointError, match="already int8"):
-        quantize_pipeline_int8(
-            built["dst"], tmp_path / "again", built["stats_path"], SmoothQuantConfig(), progress=False
+def _one_row_table(tmp_path):
+    rows = [
+        FragilityRow(
+            "transformer",
+            "layers.0.feed_forward.w2",
+            "layers.0.feed_forward.w2",
+            512,
+            256,
+            1,
+            1,
+            1e-3,
+            0.0,
+            "none",
+            False,
         )
-    with pytest.raises(ConfigError, match="not empty"):
-        quantize_pipeline_int8(
-            built["src"], built["dst"], built["stats_path"], SmoothQuantConfig(), progress=False
+    ]
+    return write_csv(rows, tmp_path / "fragility.csv")
+
+
+def test_bad_input_is_refused(built, tmp_path):
+    with pytest.raises(ConfigError, match="already quantized"):
+        quantize_pipeline(
+            built["dst"], Int8Recipe(), tmp_path / "again", stats=built["stats_path"], progress=False
+        )
+    with pytest.raises(ConfigError, match="other recipe options"):
+        quantize_pipeline(
+            built["src"], Int8Recipe(alpha=0.5), built["dst"], stats=built["stats_path"], progress=False
         )
     with pytest.raises(ConfigError, match="statistics"):
         convert_transformer_int8(
             built["src"] / "transformer", tmp_path / "t", None, SmoothQuantConfig(), progress=False
         )
-    rows = [
-        FragilityRow(
-            "transformer",
-            "layers.0.feed_forward.w2",
-            "layers.0.feed_forward.w2",
-            512,
-            256,
-            1,
-            1,
-            1e-3,
-            0.0,
-            "none",
-            False,
-        )
-    ]
-    table = write_csv(rows, tmp_path / "fragility.csv")
     with pytest.raises(ConfigError, match="larger than the model"):
-        quantize_pipeline_int8(
+        quantize_pipeline(
             built["src"],
+            Int8Recipe(protect_budget="count=5"),
             tmp_path / "p",
-            built["stats_path"],
-            SmoothQuantConfig(),
-            fragility=table,
-            budget="count=5",
+            stats=built["stats_path"],
+            fragility=_one_row_table(tmp_path),
         )
     assert not (tmp_path / "p").exists() and not (tmp_path / "p.partial").exists()
 
 
 def test_plain_w8a8_needs_no_statistics_and_protects_by_budget(built, tmp_path):
-    rows = [
-        FragilityRow(
-            "transformer",
-            "layers.0.feed_forward.w2",
-            "layers.0.feed_forward.w2",
-            512,
-            256,
-            1,
-            1,
-            1e-3,
-            0.0,
-            "none",
-            False,
-        )
-    ]
-    table = write_csv(rows, tmp_path / "fragility.csv")
-    info = quantize_pipeline_int8(
-        built["src"], tmp_path / "plain", None, Int8W8A8Config(), fragility=table, budget="1", progress=False
+    table = _one_row_table(tmp_path)
+    out = tmp_path / "plain"
+    quantize_pipeline(
+        built["src"], Int8Recipe(smoothquant=False, protect_budget="1"), out, fragility=table, progress=False
     )
-    recipe = info["recipe"]["transformers"]
+    record = VariantRecord.load(out)
+    recipe = {c: s["recipe"] for c, s in record.summary.items()}
     assert "layers.0.feed_forward.w2" in recipe["transformer"]["kept_float"]
     assert "layers.0.feed_forward.w2" in recipe["unconditional_transformer"]["quantized"]
-    assert info["name"] == "int8" and (tmp_path / "plain" / "ditq.json").is_file()
+    assert record.variant == "int8" and record.recipes["transformer"]["smoothquant"] is False

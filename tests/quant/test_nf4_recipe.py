@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ditq.errors import CheckpointError, ConfigError
-from ditq.quant.recipes import quantize_pipeline
+from ditq.quant.writer import quantize_pipeline
 
 TRANSFORMERS = ("transformer", "unconditional_transformer")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -96,7 +96,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def nf4_dir(tiny_fp8_dir, tmp_path_factory) -> Path:
-    return quantize_pipeline(str(tiny_fp8_dir), tmp_path_factory.mktemp("nf4") / "nf4", "nf4", NO_PROGRESS)
+    return quantize_pipeline(str(tiny_fp8_dir), "nf4", tmp_path_factory.mktemp("nf4") / "nf4", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def nf4_modules(f) -> list[str]:
 
 
 def test_nf4_file_has_the_official_layout(nf4_dir, tiny_fp8_dir):
-    assert json.loads((nf4_dir / "ditq.json").read_text())["format"] == "nf4"
+    assert json.loads((nf4_dir / "ditq.json").read_text())["formats"]["transformer"] == "nf4"
     for comp in TRANSFORMERS:
         ref = fp8_reference(tiny_fp8_dir / comp)
         with safe_open(nf4_dir / comp / WEIGHTS, "pt") as f:
@@ -229,7 +229,7 @@ def test_nonfinite_source_is_refused_naming_the_tensor(tiny_fp8_copy, tmp_path):
     save_file(state, path, metadata={"format": "pt"})
     out = tmp_path / "nf4"
     with pytest.raises(CheckpointError, match=re.escape(key)):
-        quantize_pipeline(str(tiny_fp8_copy), out, "nf4", NO_PROGRESS)
+        quantize_pipeline(str(tiny_fp8_copy), "nf4", out, progress=False)
     assert not out.exists()
     partial = tmp_path / "nf4.partial"
     assert not (partial / "ditq.json").exists()
@@ -240,11 +240,11 @@ def test_nonfinite_source_is_refused_naming_the_tensor(tiny_fp8_copy, tmp_path):
 @pytest.mark.parametrize("recipe", ["nf4", "q4_k"])
 def test_quantizing_an_nf4_folder_is_refused(nf4_dir, tmp_path, recipe):
     with pytest.raises(ConfigError, match="already quantized"):
-        quantize_pipeline(str(nf4_dir), tmp_path / "again", recipe, NO_PROGRESS)
+        quantize_pipeline(str(nf4_dir), recipe, tmp_path / "again", progress=False)
     # without ditq.json the tensors themselves give it away
     copy = tmp_path / "copy"
     shutil.copytree(nf4_dir, copy)
     (copy / "ditq.json").unlink()
     with pytest.raises(ConfigError, match="already .*quantized"):
-        quantize_pipeline(str(copy), tmp_path / "again", recipe, NO_PROGRESS)
+        quantize_pipeline(str(copy), recipe, tmp_path / "again", progress=False)
     assert not (tmp_path / "again").exists()

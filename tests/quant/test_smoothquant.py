@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ditq.errors import ConfigError
+from ditq.quant.api import quantization_record
 from ditq.quant.int8 import DEFAULT_PROTECT, Int8Linear, Int8W8A8Config, SmoothQuantConfig, quantize_
 from ditq.quant.int8.calibrate import CalibrationRecorder, ModuleStats, probe_inputs, synthetic_inputs
 from ditq.quant.int8.sensitivity import ProtectBudget, choose_protected, measure_fragility
@@ -139,7 +140,7 @@ def test_alpha_search_migrates_outliers_and_never_loses_to_plain():
 def test_qkv_share_one_folded_smoothing_vector(outlier_model):
     model, stats = outlier_model
     q = quantize_(copy.deepcopy(model), SmoothQuantConfig(), stats=stats)
-    group = q.ditq_recipe["groups"]["layers.0.attention.qkv"]
+    group = quantization_record(q).details["groups"]["layers.0.attention.qkv"]
     assert group["mode"] == "folded" and group["fold"] == "norm:layers.0.attention_norm1"
     assert group["error"] < group["plain_error"]
     att = q.layers[0].attention
@@ -157,7 +158,7 @@ def test_output_error_plain_gt_smoothquant_gt_smoothquant_with_protection(outlie
     sq = quantize_(copy.deepcopy(model), SmoothQuantConfig(), stats=stats)
     smooth = output_error(sq, model, stats)
     # protect the two most fragile layers the SmoothQuant recipe still quantizes
-    kept = tuple(sq.ditq_recipe["kept_float"])
+    kept = tuple(quantization_record(sq).details["kept_float"])
     rows = measure_fragility(model, stats, "transformer", SmoothQuantConfig(), progress=False)
     chosen = choose_protected(rows, ProtectBudget(count=2), always=(*DEFAULT_PROTECT, *kept))["transformer"]
     assert len(chosen) == 2 and not set(chosen) & set(kept)
@@ -188,7 +189,7 @@ def test_prepare_calibrate_convert_and_refuse_requantizing():
         for i, t in enumerate((0.2, 0.5, 0.8)):
             model(**synthetic_inputs(model.config, timestep=t, seed=i))
     quantize_(model, SmoothQuantConfig(alpha=0.5))
-    assert model.ditq_recipe["alpha"]["layers.1.feed_forward.w1+w3"] == 0.5
+    assert quantization_record(model).details["alpha"]["layers.1.feed_forward.w1+w3"] == 0.5
     kw = synthetic_inputs(model.config, timestep=0.3, seed=9)
     with torch.no_grad():
         y, r = model(**kw).sample, ref(**kw).sample

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from ditq import __version__
+from ditq._version import __version__
 from ditq.errors import DitqError
 
 # Verb modules in the order `ditq --help` lists them.

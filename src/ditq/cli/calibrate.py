@@ -80,7 +80,7 @@ def default_captions() -> list[str]:
 
 def run(args) -> int:
     from ditq.cli.generate import settings_from_args, torch_dtype
-    from ditq.models.loading import load_pipeline
+    from ditq.models.loading import load_pipeline, pipeline_info
     from ditq.quant.int8.calibrate import calibrate_pipeline
 
     captions = read_captions(args.captions) if args.captions else default_captions()
@@ -92,7 +92,7 @@ def run(args) -> int:
     if args.buckets < 1:
         raise ConfigError(f"--buckets must be >= 1, got {args.buckets}")
     pipe = load_pipeline(args.model, device=args.device, dtype=torch_dtype(args.dtype))
-    s = settings_from_args(args, pipe)
+    s = settings_from_args(args, pipeline_info(pipe))
     stats = calibrate_pipeline(
         pipe,
         captions[: args.samples],

@@ -57,10 +57,10 @@ def torch_dtype(name: str):
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def settings_from_args(args, pipe):
+def settings_from_args(args, info):
+    """Sampling settings from the CLI flags over a model's defaults (`PipelineInfo` or `ModelDefaults`)."""
     from ditq.models.sampling import SamplingSettings, parse_guidance
 
-    info = pipe.ditq_info
     overrides = {
         "height": args.height or info.default_size,
         "width": args.width or info.default_size,
@@ -120,7 +120,7 @@ def parse_seeds(text: str) -> list[int]:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from ditq.models.loading import load_pipeline
+    from ditq.models.loading import load_pipeline, pipeline_info
     from ditq.models.sampling import check_size, generate, png_metadata
 
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
@@ -128,7 +128,8 @@ def run(args) -> int:
     pipe = load_pipeline(
         args.model, device=args.device, dtype=torch_dtype(args.dtype), fp8_compute=args.fp8_compute
     )
-    settings = settings_from_args(args, pipe)
+    info = pipeline_info(pipe)
+    settings = settings_from_args(args, info)
     check_size(pipe, settings)
     args.output.mkdir(parents=True, exist_ok=True)
     jobs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
@@ -139,7 +140,7 @@ def run(args) -> int:
             prompt=prompt,
             seed=seed,
             model=args.model,
-            variant=pipe.ditq_info.variant,
+            variant=info.variant,
             settings=settings.to_dict(),
             dtype=args.dtype,
             device=str(args.device),

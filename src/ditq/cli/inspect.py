@@ -19,8 +19,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ditq.models.inspect import inspect_model
-    from ditq.models.sizes import FORMATS, human_bytes
+    from ditq.models.sizes import human_bytes
+    from ditq.quant.inspect import inspect_model
+    from ditq.quant.sizes import TABLE
 
     report = inspect_model(args.model, load=args.load)
     if args.json:
@@ -39,7 +40,7 @@ def run(args) -> int:
     for comp in comps:
         table.add_column(comp.replace("unconditional_", "uncond_"), justify="right")
     table.add_row("parameters", *[f"{row['parameters']:,}" for row in comps.values()])
-    for fmt in FORMATS:
+    for fmt in TABLE:
         table.add_row(fmt, *[human_bytes(row["bytes"][fmt]) for row in comps.values()])
     console.print(table)
     files = [(c, r) for c, r in report["components"].items() if r.get("files")]

@@ -41,8 +41,9 @@ def add_run_args(p) -> None:
 
 
 def resolve_variants(args) -> dict[str, str]:
-    from ditq.quant.recipes import RECIPES
+    from ditq.quant.recipes import recipe_names
 
+    known_recipes = recipe_names()
     variants: dict[str, str] = {}
     for item in [v.strip() for v in args.variants.split(",") if v.strip()]:
         name, _, path = item.partition("=")
@@ -54,14 +55,14 @@ def resolve_variants(args) -> dict[str, str]:
             variants[name] = args.model
         elif ((args.variant_dir or Path("variants")) / name / "model_index.json").is_file():
             variants[name] = str((args.variant_dir or Path("variants")) / name)
-        elif name in RECIPES:
+        elif name in known_recipes or _is_mix(name, known_recipes):
             folder = (args.variant_dir or Path("variants")) / name
             raise ConfigError(
                 f"--variants {name}: no quantized model at {folder}; make it with "
                 f"`ditq quantize {args.model} --recipe {name} -o {folder}` or pass {name}=FOLDER"
             )
         else:
-            known = ", ".join([args.reference, *RECIPES.names()])
+            known = ", ".join([args.reference, *known_recipes])
             raise ConfigError(
                 f"--variants: unknown variant {name!r} (no folder {(args.variant_dir or Path('variants')) / name}); "
                 f"known recipes: {known}, or name=FOLDER"
@@ -71,14 +72,18 @@ def resolve_variants(args) -> dict[str, str]:
     return variants
 
 
+def _is_mix(name: str, known: list[str]) -> bool:
+    """`int8+q4_k`: a per-branch mix of two recipe names (conditional + unconditional transformer)."""
+    parts = name.split("+")
+    return len(parts) == 2 and all(p in known for p in parts)
+
+
 def build_spec(args, variants: dict[str, str]):
     from ditq.cli.generate import parse_seeds, settings_from_args
-    from ditq.models.loading import resolve_source
+    from ditq.models.loading import model_defaults, resolve_source
     from ditq.runs.generation import RunSpec
 
-    ref = variants[args.reference]
-    args_for_settings = _ModelInfoArgs(args, resolve_source(ref))
-    settings = settings_from_args(args_for_settings, args_for_settings.pipe_like)
+    settings = settings_from_args(args, model_defaults(resolve_source(variants[args.reference])))
     return RunSpec(
         variants=variants,
         suite=args.suite,
@@ -88,24 +93,6 @@ def build_spec(args, variants: dict[str, str]):
         reference_variant=args.reference,
         limit=args.limit,
     )
-
-
-class _ModelInfoArgs:
-    """Sampling arguments plus a stand-in pipeline carrying the reference model's size defaults."""
-
-    def __init__(self, args, folder: Path) -> None:
-        import json
-        from types import SimpleNamespace
-
-        self.__dict__.update(vars(args))
-        info = SimpleNamespace(max_sequence_length=2048, default_size=1024, default_steps=None)
-        tiny = folder / "ditq_tiny.json"
-        if tiny.is_file():
-            data = json.loads(tiny.read_text())
-            info.max_sequence_length = int(data.get("max_sequence_length", 2048))
-            info.default_size = int(data.get("default_size", 1024))
-            info.default_steps = data.get("default_steps")
-        self.pipe_like = SimpleNamespace(ditq_info=info)
 
 
 def run(args) -> int:

@@ -181,12 +181,19 @@ def encode_gguf(
     component: Path, dst: Path, recipe: str, prefix: str = "", quantize_all: bool = False
 ) -> Path:
     """Encode an FP8 / bf16 component folder straight into one GGUF file (the ditq GGUF recipe rules)."""
-    from ditq.quant.recipes.gguf import GGUFRecipe, write_transformer_gguf
+    from dataclasses import replace
 
+    from ditq.errors import ConfigError
+    from ditq.quant.recipes import GGUFRecipe, parse_recipe
+    from ditq.quant.recipes.gguf import write_transformer_gguf
+
+    spec = parse_recipe(recipe)
+    if not isinstance(spec, GGUFRecipe):
+        raise ConfigError(f"--recipe {recipe!r} is not a GGUF recipe (q8_0, q6_k, q5_k, q4_k, q4_k_m, ...)")
+    if quantize_all:
+        spec = replace(spec, tensors="all")
     target = dst if not prefix else dst.with_name(dst.name + ".bare")
-    write_transformer_gguf(
-        component, target, GGUFRecipe(name=recipe, quantize_all=quantize_all), progress=False
-    )
+    write_transformer_gguf(component, target, spec, progress=False)
     if prefix:
         copy_gguf(target, dst, prefix)
         target.unlink()

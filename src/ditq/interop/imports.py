@@ -23,11 +23,12 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-from ditq import __version__
+from ditq._version import __version__
 from ditq.errors import CheckpointError, ConfigError
 from ditq.interop.layouts import (
     COMFY_MARKER,
@@ -43,7 +44,8 @@ from ditq.interop.layouts import (
     read_checkpoint,
     validate,
 )
-from ditq.io.files import link_or_copy, link_or_copy_tree
+from ditq.io.files import link_or_copy, link_or_copy_tree, write_json_atomic
+from ditq.models.record import RECORD_FILE, VariantRecord
 
 log = logging.getLogger(__name__)
 
@@ -290,42 +292,12 @@ def build_pipeline(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        for item in sorted(base_dir.iterdir()):
-            if item.name in (*TRANSFORMERS, "ditq.json") or item.name.startswith("."):
-                continue
-            if item.is_dir():
-                link_or_copy_tree(item, tmp / item.name)
-            else:
-                link_or_copy(item, tmp / item.name)
-        imported: dict[str, Imported | None] = {}
-        for comp, path in (("transformer", src), ("unconditional_transformer", uncond)):
-            (tmp / comp).mkdir()
-            shutil.copy2(base_dir / comp / "config.json", tmp / comp / "config.json")
-            if path is None:
-                log.warning("%s: no unconditional transformer given; keeping the one of %s", out, base_dir)
-                for f in (base_dir / comp).iterdir():
-                    if f.is_file() and f.name != "config.json":
-                        link_or_copy(f, tmp / comp / f.name)
-                imported[comp] = None
-                continue
-            imported[comp] = import_transformer(path, tmp / comp, layout)
-        first = imported["transformer"]
-        record = {
-            "format": LAYOUTS[first.layout].format,
-            "recipe": {"name": first.layout},
-            "source": str(src),
-            "base": str(base_dir),
-            "imported": {
-                comp: (
-                    None
-                    if imp is None
-                    else {"source": str(imp.source), "layout": imp.layout, "files": list(imp.files)}
-                )
-                for comp, imp in imported.items()
-            },
-            "ditq_version": __version__,
+        _link_base(base_dir, tmp)
+        imported = {
+            comp: _import_component(base_dir, tmp, comp, path, layout, out)
+            for comp, path in (("transformer", src), ("unconditional_transformer", uncond))
         }
-        (tmp / "ditq.json").write_text(json.dumps(record, indent=2))
+        write_json_atomic(tmp / RECORD_FILE, _import_record(src, base_dir, imported).to_json())
         missing = [c for c in index if not c.startswith("_") and not (tmp / c).exists()]
         if missing:
             raise CheckpointError(f"{base_dir}: components {missing} are listed but missing")
@@ -334,3 +306,44 @@ def build_pipeline(
         raise
     tmp.rename(out)
     return out
+
+
+def _link_base(base_dir: Path, tmp: Path) -> None:
+    for item in sorted(base_dir.iterdir()):
+        if item.name in (*TRANSFORMERS, RECORD_FILE) or item.name.startswith("."):
+            continue
+        if item.is_dir():
+            link_or_copy_tree(item, tmp / item.name)
+        else:
+            link_or_copy(item, tmp / item.name)
+
+
+def _import_component(base_dir: Path, tmp: Path, comp: str, path, layout: str, out: Path) -> Imported | None:
+    (tmp / comp).mkdir()
+    shutil.copy2(base_dir / comp / "config.json", tmp / comp / "config.json")
+    if path is None:
+        log.warning("%s: no unconditional transformer given; keeping the one of %s", out, base_dir)
+        for f in (base_dir / comp).iterdir():
+            if f.is_file() and f.name != "config.json":
+                link_or_copy(f, tmp / comp / f.name)
+        return None
+    return import_transformer(path, tmp / comp, layout)
+
+
+def _import_record(src: Path, base_dir: Path, imported: dict[str, Imported | None]) -> VariantRecord:
+    base = VariantRecord.load(base_dir)
+    formats = {}
+    for comp, imp in imported.items():
+        formats[comp] = LAYOUTS[imp.layout].format if imp else (base.formats.get(comp, "fp8") if base else "fp8")
+    return VariantRecord(
+        variant=imported["transformer"].layout,
+        formats=formats,
+        source=str(src),
+        source_folder=str(base_dir),
+        imported={
+            comp: None if imp is None else {"source": str(imp.source), "layout": imp.layout, "files": list(imp.files)}
+            for comp, imp in imported.items()
+        },
+        ditq_version=__version__,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )

@@ -24,3 +24,39 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 def link_or_copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """`link_or_copy` for every file under `src`, merging into an existing `dst`."""
     shutil.copytree(src, dst, copy_function=link_or_copy, dirs_exist_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `path` through a temporary file of a unique name in the same folder, then rename it into place: a
+    reader sees the old content or the new one, never a torn file, and concurrent writers never share a temporary."""
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
+    """`obj` as indented JSON (UTF-8, keys sorted), written with `write_text_atomic`."""
+    import json
+
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True, default=str) + "\n")
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's content, read in chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

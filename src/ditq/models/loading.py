@@ -13,13 +13,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ditq.errors import CheckpointError, ModelSourceError
+from ditq.errors import CheckpointError, ConfigError, ModelSourceError
 from ditq.io.safetensors_io import TensorSource
+from ditq.models.record import VariantRecord
 from ditq.models.weights import load_into
 
 log = logging.getLogger(__name__)
@@ -33,24 +35,59 @@ TINY_BUILDER_VERSION = 2
 
 @dataclass
 class PipelineInfo:
-    """What was loaded: where from and in which format each component's weights are."""
+    """What was loaded: where from, which layers of each component are in which format (module counts), the
+    folder's `ditq.json` record, and the model's defaults (the tiny model's are small)."""
 
     source: str
     folder: Path | None
     formats: dict[str, dict[str, int]] = field(default_factory=dict)
-    recipe: dict | None = None
+    record: VariantRecord | None = None
     max_sequence_length: int = 2048
     default_size: int = 1024
     default_steps: int | None = None
 
     @property
     def variant(self) -> str:
-        if self.recipe:
-            name = (self.recipe.get("recipe") or {}).get("name") or self.recipe.get("name")
-            if name:
-                return str(name)
+        if self.record is not None:
+            return self.record.variant
         fmts = {f for c in TRANSFORMERS for f in self.formats.get(c, {}) if f != "float"}
         return "+".join(sorted(fmts)) or "bf16"
+
+
+_INFO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Sampling defaults of a model folder: the real model's, or the tiny model's from its `ditq_tiny.json`."""
+
+    max_sequence_length: int = 2048
+    default_size: int = 1024
+    default_steps: int | None = None
+
+
+def model_defaults(folder: Path) -> ModelDefaults:
+    path = Path(folder) / "ditq_tiny.json"
+    if not path.is_file():
+        return ModelDefaults()
+    try:
+        tiny = json.loads(path.read_text())
+        steps = tiny.get("default_steps")
+        return ModelDefaults(
+            int(tiny.get("max_sequence_length", 2048)),
+            int(tiny.get("default_size", 1024)),
+            None if steps is None else int(steps),
+        )
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: not a valid tiny-model marker ({exc})") from None
+
+
+def pipeline_info(pipe) -> PipelineInfo:
+    """The `PipelineInfo` of a pipeline `load_pipeline` returned (a ConfigError for any other object)."""
+    info = _INFO.get(pipe)
+    if info is None:
+        raise ConfigError(f"{type(pipe).__name__} was not loaded by ditq.load_pipeline: no ditq information")
+    return info
 
 
 def cache_dir() -> Path:
@@ -132,14 +169,9 @@ def check_folder(folder: Path) -> dict:
     return index
 
 
-def read_recipe(folder: Path) -> dict | None:
-    path = folder / "ditq.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
+def read_record(folder: Path) -> VariantRecord | None:
+    """The folder's `ditq.json` record, None for a folder ditq did not write (the official FP8 checkpoint)."""
+    return VariantRecord.load(folder)
 
 
 def load_transformer(
@@ -160,7 +192,6 @@ def load_transformer(
         model = Ideogram4Transformer2DModel.from_config(config)
     source = open_weights(folder)
     counts = load_into(model, source, dtype, device, linear_options=linear_options)
-    model.ditq_formats = counts
     return model.eval(), counts
 
 
@@ -200,7 +231,7 @@ def load_pipeline(
     dtype: torch.dtype = torch.bfloat16,
     fp8_compute: str = "dequant",
 ):
-    """Load an `Ideogram4Pipeline`; returns it with `pipe.ditq_info` (a `PipelineInfo`) attached."""
+    """Load an `Ideogram4Pipeline` (a plain diffusers pipeline); `pipeline_info(pipe)` says what was loaded."""
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Ideogram4Pipeline
     from transformers import AutoTokenizer
 
@@ -211,9 +242,8 @@ def load_pipeline(
         )
     folder = resolve_source(source)
     check_folder(folder)
-    recipe = read_recipe(folder)
     options = {"fp8": {"compute": fp8_compute}}
-    info = PipelineInfo(source=source, folder=folder, recipe=recipe)
+    info = PipelineInfo(source=source, folder=folder, record=read_record(folder))
     comps = {}
     for name in TRANSFORMERS:
         comps[name], info.formats[name] = load_transformer(folder / name, dtype, device, options)
@@ -236,11 +266,8 @@ def load_pipeline(
         head = head.to(device).eval()
     pipe = Ideogram4Pipeline(prompt_enhancer_head=head, **comps)
     pipe.set_progress_bar_config(disable=True)
-    tiny_cfg = folder / "ditq_tiny.json"
-    if tiny_cfg.is_file():
-        tiny = json.loads(tiny_cfg.read_text())
-        info.max_sequence_length = int(tiny.get("max_sequence_length", 2048))
-        info.default_size = int(tiny.get("default_size", 1024))
-        info.default_steps = tiny.get("default_steps")
-    pipe.ditq_info = info
+    defaults = model_defaults(folder)
+    info.max_sequence_length = defaults.max_sequence_length
+    info.default_size, info.default_steps = defaults.default_size, defaults.default_steps
+    _INFO[pipe] = info
     return pipe

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ditq import __version__
+from ditq._version import __version__
 from ditq.errors import ConfigError
 from ditq.models.sampling import SamplingSettings, initial_noise, png_metadata
 from ditq.runs.manifest import (
@@ -105,14 +105,16 @@ def _sha256(path: Path) -> str:
 
 
 def _variant_record(name: str, model: str, pipe) -> dict:
+    from ditq.models.loading import pipeline_info
     from ditq.models.sizes import files_on_disk, resident_bytes
 
-    folder = pipe.ditq_info.folder
+    info = pipeline_info(pipe)
+    folder = info.folder
     comps = ("transformer", "unconditional_transformer", "text_encoder", "vae")
     return {
         "model": model,
         "folder": str(folder),
-        "format": pipe.ditq_info.variant,
+        "format": info.variant,
         "bytes_on_disk": {c: sum(files_on_disk(folder / c).values()) for c in comps},
         "resident_bytes": {c: resident_bytes(getattr(pipe, c)) for c in comps},
     }
@@ -300,7 +302,9 @@ class _Stop(Exception):
 
 def _settings_for(pipe, settings: SamplingSettings) -> SamplingSettings:
     """The run's settings, with the text length capped to what the model takes (the tiny model: 512)."""
-    cap = getattr(pipe.ditq_info, "max_sequence_length", settings.max_sequence_length)
+    from ditq.models.loading import pipeline_info
+
+    cap = pipeline_info(pipe).max_sequence_length
     if settings.max_sequence_length <= cap:
         return settings
     from dataclasses import replace

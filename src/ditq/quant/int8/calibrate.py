@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ditq import __version__
+from ditq._version import __version__
 from ditq.errors import CheckpointError, ConfigError
 from ditq.formats.keys import split_module_name
 from ditq.io.safetensors_io import TensorSource, save_safetensors
@@ -502,8 +502,10 @@ def calibrate_pipeline(
     if len(schedule) != steps:
         raise ConfigError(f"guidance_schedule has {len(schedule)} entries, expected steps={steps}")
     if max_sequence_length is None:
-        info = getattr(pipe, "ditq_info", None)
-        max_sequence_length = getattr(info, "max_sequence_length", 2048)
+        from ditq.models.loading import _INFO
+
+        info = _INFO.get(pipe)
+        max_sequence_length = info.max_sequence_length if info is not None else 2048
     rec = CalibrationRecorder(buckets, sample_tokens, probes_per_bucket, seed)
     for name in TRANSFORMERS:
         rec.attach(getattr(pipe, name), name)

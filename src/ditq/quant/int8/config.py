@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -27,8 +28,10 @@ from torch import nn
 from ditq.errors import ConfigError
 from ditq.formats.int8 import KERNELS, Int8Linear
 from ditq.formats.keys import fused_module_name
-from ditq.quant.int8.calibrate import DEFAULT_BUCKETS, CalibrationRecorder, CalibrationStats, is_linear_like
+from ditq.quant.api import QuantizationRecord, register_quantize_handler
+from ditq.quant.int8.calibrate import DEFAULT_BUCKETS, CalibrationRecorder, CalibrationStats
 from ditq.quant.int8.smoothquant import SEARCH_ROWS, AlphaChoice, SmoothGroup, fold_into_norm, search_alpha
+from ditq.quant.modules import float_linear, float_weight, linear_modules, model_dtype, set_module
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,11 @@ class Int8W8A8Config:
 
     protect: tuple[str, ...] = DEFAULT_PROTECT
     kernel: str = "auto"
+    in_features_multiple: int = 32
 
     def __post_init__(self) -> None:
+        if self.in_features_multiple < 1:
+            raise ConfigError(f"in_features_multiple must be >= 1, got {self.in_features_multiple}")
         if isinstance(self.protect, str) or not all(isinstance(p, str) for p in self.protect):
             raise ConfigError(f"protect must be a sequence of name patterns, got {self.protect!r}")
         object.__setattr__(self, "protect", tuple(self.protect))
@@ -180,76 +186,6 @@ def decide_group(
     return GroupDecision(group, "none", choice, f"{gain} but cannot be folded; quantized without smoothing")
 
 
-# ---------------------------------------------------------------------------------------------- quantize_
-
-_HANDLERS: dict[type, Callable] = {}
-
-
-def register_quantize_handler(config_type: type):
-    def decorate(fn: Callable) -> Callable:
-        _HANDLERS[config_type] = fn
-        return fn
-
-    return decorate
-
-
-def quantize_(
-    model: nn.Module,
-    config: Int8W8A8Config | SmoothQuantConfig,
-    filter_fn: Callable[[nn.Module, str], bool] | None = None,
-    *,
-    stats: CalibrationStats | None = None,
-    transformer: str | None = None,
-) -> nn.Module:
-    """Quantize `model` in place with `config`; `filter_fn(module, name)` False keeps a Linear as it is.
-
-    The recipe (α and smoothing per group, protected layers and why) is left in `model.ditq_recipe`.
-    """
-    handler = _HANDLERS.get(type(config))
-    if handler is None:
-        known = ", ".join(t.__name__ for t in _HANDLERS)
-        raise ConfigError(f"no quantize_ handler for {type(config).__name__}; known: {known}")
-    already = [n for n, m in model.named_modules() if isinstance(m, Int8Linear)]
-    if already:
-        raise ConfigError(
-            f"model already has {len(already)} INT8 layer(s) (e.g. {already[0]}); quantize the float or FP8 model"
-        )
-    return handler(model, config, filter_fn, stats=stats, transformer=transformer)
-
-
-def float_weight(module: nn.Module) -> torch.Tensor:
-    """The float32 weight [N, K] of a Linear-like module."""
-    if isinstance(module, nn.Linear):
-        return module.weight.detach().float()
-    return module.dequantized_weight(torch.float32)
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
-def _float_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    lin.weight = nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
-    if bias is not None:
-        lin.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
-    return lin
-
-
-def _linears(model: nn.Module, filter_fn) -> tuple[dict[str, nn.Module], set[str]]:
-    mods = {n: m for n, m in model.named_modules() if is_linear_like(m)}
-    skipped = {n for n, m in mods.items() if filter_fn is not None and not filter_fn(m, n)}
-    return mods, skipped
-
-
 def apply_decisions_(
     model: nn.Module,
     decisions: list[GroupDecision],
@@ -257,12 +193,13 @@ def apply_decisions_(
     protected: set[str],
     kernel: str,
     skipped: set[str] = frozenset(),
+    reasons: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Fold, smooth and quantize in place; returns {layer kept in float: reason}.
 
     Layers in `skipped` (refused by filter_fn) stay as they are unless a fold must change their rows.
     """
-    dtype = _model_dtype(model)
+    dtype = model_dtype(model)
     col: dict[str, GroupDecision] = {}
     rows: dict[str, torch.Tensor] = {}
     for d in decisions:
@@ -279,7 +216,11 @@ def apply_decisions_(
     kept: dict[str, str] = {}
 
     def reason(name: str, d: GroupDecision | None) -> str:
-        return "filter_fn" if name in skipped else "protected" if name in protected else d.reason
+        if name in skipped:
+            return "filter_fn"
+        if reasons and name in reasons:
+            return reasons[name]
+        return "protected" if name in protected else d.reason
 
     for name, m in mods.items():
         d = col.get(name)
@@ -297,21 +238,21 @@ def apply_decisions_(
         if keep:
             if d is not None and d.mode == "folded":
                 w = w * d.s[None, :].to(device)
-            _set_module(model, name, _float_linear(w, b, dtype, device))
+            set_module(model, name, float_linear(w, b, dtype, device))
             kept[name] = reason(name, d)
         elif d is not None and d.mode == "explicit":
-            _set_module(model, name, Int8Linear.from_float(w, b, d.s, kernel).to(device))
+            set_module(model, name, Int8Linear.from_float(w, b, d.s, kernel, dtype).to(device))
         else:
             if d is not None and d.mode == "folded":
                 w = w * d.s[None, :].to(device)
-            _set_module(model, name, Int8Linear.from_float(w, b, None, kernel).to(device))
+            set_module(model, name, Int8Linear.from_float(w, b, None, kernel, dtype).to(device))
     return kept
 
 
 def recipe_dict(
     config, decisions: list[GroupDecision], kept: Mapping[str, str], stats: CalibrationStats | None
 ) -> dict:
-    from ditq import __version__
+    from ditq._version import __version__
 
     out = {
         "format": "int8",
@@ -330,19 +271,32 @@ def recipe_dict(
     return out
 
 
+def _record(config, decisions, kept, mods, stats) -> QuantizationRecord:
+    quantized = {n: "int8" for n in mods if n not in kept}
+    return QuantizationRecord(
+        config=config.to_dict(),
+        quantized=quantized,
+        kept_float=dict(kept),
+        details=recipe_dict(config, decisions, kept, stats),
+    )
+
+
 @register_quantize_handler(Int8W8A8Config)
 def _quantize_w8a8(model, config: Int8W8A8Config, filter_fn, *, stats=None, transformer=None):
     from ditq.quant.int8.smoothquant import smooth_groups
 
-    mods, skipped = _linears(model, filter_fn)
-    protected = protected_set(mods, config.protect) | skipped
+    mods, skipped = linear_modules(model, filter_fn)
+    protected = protected_set(mods, config.protect) | skipped | too_narrow(mods, config)
     decisions = [
         decide_group(g, lambda n: float_weight(mods[n]), None, "", config, protected)
         for g in smooth_groups(mods)
     ]
-    kept = apply_decisions_(model, decisions, mods, protected, config.kernel, skipped)
-    model.ditq_recipe = recipe_dict(config, decisions, kept, None)
-    return model
+    kept = apply_decisions_(model, decisions, mods, protected, config.kernel, skipped, _reasons(mods, config))
+    return _record(config, decisions, kept, mods, None)
+
+
+# SmoothQuant's prepare step: the recorder calibrating a model, until its convert step
+_RECORDERS: weakref.WeakKeyDictionary[nn.Module, CalibrationRecorder] = weakref.WeakKeyDictionary()
 
 
 @register_quantize_handler(SmoothQuantConfig)
@@ -351,30 +305,50 @@ def _quantize_smoothquant(model, config: SmoothQuantConfig, filter_fn, *, stats=
 
     if config.step == "prepare":
         rec = CalibrationRecorder(config.buckets, config.sample_tokens, probes_per_bucket=0)
-        model._ditq_recorder = rec.attach(model, transformer or "model")
-        return model
+        _RECORDERS[model] = rec.attach(model, transformer or "model")
+        return QuantizationRecord(config=config.to_dict(), details={"step": "prepare"})
     if stats is None:
-        rec = getattr(model, "_ditq_recorder", None)
+        rec = _RECORDERS.pop(model, None)
         if rec is None:
             raise ConfigError(
                 "SmoothQuant convert needs calibration statistics: run step='prepare' and calibration first, "
                 "or pass stats="
             )
         rec.detach()
-        del model._ditq_recorder
         stats = rec.result()
     transformer = _pick_transformer(stats, transformer)
-    mods, skipped = _linears(model, filter_fn)
-    protected = protected_set(mods, config.base.protect) | skipped
+    mods, skipped = linear_modules(model, filter_fn)
+    protected = protected_set(mods, config.base.protect) | skipped | too_narrow(mods, config.base)
     decisions = []
     for g in smooth_groups(mods):
         decisions.append(
             decide_group(g, lambda n: float_weight(mods[n]), stats, transformer, config, protected)
         )
         log.debug("%s: %s", g.name, decisions[-1].summary())
-    kept = apply_decisions_(model, decisions, mods, protected, config.base.kernel, skipped)
-    model.ditq_recipe = recipe_dict(config, decisions, kept, stats)
-    return model
+    reasons = _reasons(mods, config.base)
+    kept = apply_decisions_(model, decisions, mods, protected, config.base.kernel, skipped, reasons)
+    return _record(config, decisions, kept, mods, stats)
+
+
+def too_narrow(linears: Mapping[str, object], config: Int8W8A8Config) -> set[str]:
+    """Layers kept in float because their in_features is not a multiple of `config.in_features_multiple`
+    (stable-diffusion.cpp reads INT8 rows as Q8_0 blocks of 32). `linears` maps names to modules or shapes."""
+    m = config.in_features_multiple
+    out = set()
+    for name, mod in linears.items():
+        k = mod[1] if isinstance(mod, tuple) else mod.in_features
+        if m > 1 and k % m:
+            out.add(name)
+    return out
+
+
+def _reasons(linears, config: Int8W8A8Config) -> dict[str, str]:
+    m = config.in_features_multiple
+    return {
+        n: f"in_features {mod.in_features} is not a multiple of {m} (stable-diffusion.cpp Q8_0 rows)"
+        for n, mod in linears.items()
+        if n in too_narrow({n: mod}, config)
+    }
 
 
 def _pick_transformer(stats: CalibrationStats, transformer: str | None) -> str:

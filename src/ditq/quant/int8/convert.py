@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,7 +32,6 @@ from ditq.formats.fp8 import SCALE_ALIASES
 from ditq.formats.int8 import QUANT_METADATA_KEY, marker_tensor, quantization_metadata
 from ditq.formats.int8_ops import quantize_weight_per_channel
 from ditq.formats.keys import detect_layout, fused_module_name, split_to_fused, strip_prefix
-from ditq.io.files import link_or_copy, link_or_copy_tree
 from ditq.io.safetensors_io import StreamingSafetensorsWriter, TensorInfo, TensorSource
 from ditq.models.weights import group_by_module
 from ditq.quant.int8.calibrate import CalibrationStats, fingerprint
@@ -44,6 +42,7 @@ from ditq.quant.int8.config import (
     decide_group,
     protected_set,
     recipe_dict,
+    too_narrow,
 )
 from ditq.quant.int8.smoothquant import _blocks, fold_into_norm, smooth_groups
 
@@ -51,7 +50,6 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 RECIPE_KEY = "ditq.recipe"
-SDCPP_BLOCK = 32  # stable-diffusion.cpp repacks int8 rows into Q8_0 blocks of 32
 _BLOCK_RE = re.compile(r"^layers\.(\d+)\.")
 _QKV_RE = re.compile(r"^(layers\.\d+\.attention\.)to_([qkv])$")
 
@@ -196,12 +194,11 @@ class _Converter:
         base = config.base if isinstance(config, SmoothQuantConfig) else config
         self.protected = protected_set(self.linears, (*base.protect, *protect))
         self.reasons = {n: "protected" for n in self.protected}
-        for n, (_, k) in self.linears.items():
-            if k % SDCPP_BLOCK and n not in self.protected:
-                self.protected.add(n)
-                self.reasons[n] = (
-                    f"in_features {k} is not a multiple of {SDCPP_BLOCK} (stable-diffusion.cpp Q8_0 rows)"
-                )
+        m = base.in_features_multiple
+        for n in sorted(too_narrow(self.linears, base) - self.protected):
+            self.protected.add(n)
+            k = self.linears[n][1]
+            self.reasons[n] = f"in_features {k} is not a multiple of {m} (stable-diffusion.cpp Q8_0 rows)"
         self._check_source()
 
     def _check_source(self) -> None:
@@ -445,90 +442,3 @@ def convert_transformer_int8(
         report.seconds,
     )
     return report
-
-
-TRANSFORMERS = ("transformer", "unconditional_transformer")
-
-
-def quantize_pipeline_int8(
-    src_folder: str | Path,
-    dst_folder: str | Path,
-    stats_path: str | Path | None,
-    config: SmoothQuantConfig | Int8W8A8Config,
-    *,
-    fragility: str | Path | None = None,
-    budget: str | None = None,
-    name: str | None = None,
-    progress: bool = True,
-) -> dict:
-    """Write a complete INT8 pipeline folder (DESIGN.md layout): both transformers converted, every other
-    component copied (hard links where possible), `ditq.json` with the recipe. With a fragility table and a budget
-    (`ProtectBudget.parse` syntax), the most fragile layers within the budget are kept in bf16 as well.
-    Returns the `ditq.json` content."""
-    from datetime import UTC, datetime
-
-    from ditq import __version__
-    from ditq.models.loading import check_folder, resolve_source
-    from ditq.quant.int8.sensitivity import ProtectBudget, choose_protected, read_csv
-
-    src = resolve_source(str(src_folder))
-    check_folder(src)
-    dst = Path(dst_folder)
-    if dst.exists() and any(dst.iterdir()):
-        raise ConfigError(f"{dst}: exists and is not empty; choose a new output folder")
-    stats = CalibrationStats.load(stats_path) if stats_path is not None else None
-    extra: dict[str, list[str]] = {}
-    if (fragility is None) != (budget is None):
-        raise ConfigError("a protect budget needs a fragility table (ditq sensitivity) and vice versa")
-    if fragility is not None:
-        extra = choose_protected(read_csv(fragility), ProtectBudget.parse(budget), _base(config).protect)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        for item in sorted(src.iterdir()):
-            if item.name in TRANSFORMERS or item.name == "ditq.json":
-                continue
-            if item.is_dir():
-                link_or_copy_tree(item, tmp / item.name)
-            else:
-                link_or_copy(item, tmp / item.name)
-        reports = {}
-        for tr in TRANSFORMERS:
-            reports[tr] = convert_transformer_int8(
-                src / tr,
-                tmp / tr,
-                stats,
-                config,
-                transformer=tr,
-                protect=extra.get(tr, ()),
-                progress=progress,
-            )
-        name = name or ("int8-smoothquant" if isinstance(config, SmoothQuantConfig) else "int8")
-        info = {
-            "format": "int8",
-            "name": name,
-            "recipe": {
-                "name": name,
-                "config": config.to_dict(),
-                "protect_budget": budget,
-                "transformers": {tr: r.recipe for tr, r in reports.items()},
-            },
-            "source": str(src_folder),
-            "ditq_version": __version__,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        (tmp / "ditq.json").write_text(json.dumps(info, indent=2))
-        if dst.exists():
-            dst.rmdir()
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return info
-
-
-def _base(config) -> Int8W8A8Config:
-    return config.base if isinstance(config, SmoothQuantConfig) else config

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ditq.cli import main
-from ditq.models.inspect import inspect_model
+from ditq.quant.inspect import inspect_model
 
 
 def _ideogram4_linear_shapes(layers=34, hidden=4608, inter=12288, adaln=512, llm=53248, cin=128):
