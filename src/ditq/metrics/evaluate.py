@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ditq import __version__
+from ditq._version import __version__
 from ditq.errors import CheckpointError, ConfigError
 from ditq.metrics.base import METRICS, Metric, MetricStatus, ScoreItem
 from ditq.metrics.runfolder import (

@@ -82,9 +82,12 @@ def model_defaults(folder: Path) -> ModelDefaults:
         raise CheckpointError(f"{path}: not a valid tiny-model marker ({exc})") from None
 
 
-def pipeline_info(pipe) -> PipelineInfo:
-    """The `PipelineInfo` of a pipeline `load_pipeline` returned (a ConfigError for any other object)."""
+def pipeline_info(pipe, default: PipelineInfo | None = None) -> PipelineInfo:
+    """The `PipelineInfo` of a pipeline `load_pipeline` returned; for any other pipeline `default`, or a
+    ConfigError when no default is given."""
     info = _INFO.get(pipe)
+    if info is None and default is not None:
+        return default
     if info is None:
         raise ConfigError(f"{type(pipe).__name__} was not loaded by ditq.load_pipeline: no ditq information")
     return info

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ditq import __version__
+from ditq._version import __version__
 from ditq.errors import ConfigError
 from ditq.report.analysis import Analysis, StatsSettings
 from ditq.report.document import (

@@ -502,10 +502,9 @@ def calibrate_pipeline(
     if len(schedule) != steps:
         raise ConfigError(f"guidance_schedule has {len(schedule)} entries, expected steps={steps}")
     if max_sequence_length is None:
-        from ditq.models.loading import _INFO
+        from ditq.models.loading import PipelineInfo, pipeline_info
 
-        info = _INFO.get(pipe)
-        max_sequence_length = info.max_sequence_length if info is not None else 2048
+        max_sequence_length = pipeline_info(pipe, PipelineInfo("", None)).max_sequence_length
     rec = CalibrationRecorder(buckets, sample_tokens, probes_per_bucket, seed)
     for name in TRANSFORMERS:
         rec.attach(getattr(pipe, name), name)
