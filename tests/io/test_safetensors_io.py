@@ -21,14 +21,12 @@ A = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 B = {"dtype": "F16", "shape": [2, 1], "data_offsets": [8, 12]}
 
 
-def _file(path: Path, header: dict | str, data_len: int, pad: bytes = b" ") -> Path:
-    """A safetensors file with the given header (a dict, or raw JSON text) and `data_len` bytes of data."""
+def _file(path: Path, header: dict | str, data: int | bytes, pad: bytes = b" ") -> Path:
+    """A safetensors file with the given header (a dict, or raw JSON text) and data (bytes, or a count of zeros)."""
     text = header if isinstance(header, str) else json.dumps(header)
     blob = text.encode()
     blob += pad * (-len(blob) % 8)
-    path.write_bytes(
-        struct.pack("<Q", len(blob)) + blob + bytes(range(256)) * (data_len // 256) + bytes(data_len % 256)
-    )
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + (bytes(data) if isinstance(data, int) else data))
     return path
 
 
@@ -247,6 +245,16 @@ def test_reads_files_written_by_the_library_and_by_ditq_identically(tmp_path):
             got = source.get(key)
             assert got.dtype == ref.dtype and got.shape == ref.shape, key
             assert torch.equal(got.reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)), key
+
+
+def test_bool_tensor_with_other_bytes_is_refused_when_read(bad):
+    header = {"mask": {"dtype": "BOOL", "shape": [2, 2], "data_offsets": [0, 4]}}
+    path = _file(bad, header, bytes([0, 1, 2, 1]))
+    source = TensorSource(path)
+    with pytest.raises(
+        CheckpointError, match=r"bad\.safetensors: BOOL tensor 'mask' holds bytes other than 0 and 1"
+    ):
+        source.get("mask")
 
 
 def test_accepts_what_the_library_accepts(tmp_path):

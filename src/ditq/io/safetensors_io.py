@@ -183,6 +183,10 @@ class TensorSource:
         buf = self.read_bytes(name, 0, info.nbytes)
         raw = torch.frombuffer(buf, dtype=torch.uint8) if info.nbytes else torch.empty(0, dtype=torch.uint8)
         if info.dtype == torch.bool:
+            if raw.numel() and int(raw.max()) > 1:
+                raise CheckpointError(
+                    f"{info.file}: BOOL tensor {name!r} holds bytes other than 0 and 1: corrupt, or another dtype"
+                )
             return raw.to(torch.bool).reshape(info.shape)
         return raw.view(info.dtype).reshape(info.shape)
 
