@@ -43,7 +43,14 @@ METRICS = {
                         "family": "text", "model": "rapidocr 3.10.0"},
     "ocr_ned": {"available": True, "reason": None, "higher_is_better": False, "reference": None,
                           "family": "text", "model": "rapidocr 3.10.0"},
+    "blocked": {"available": True, "reason": None, "higher_is_better": False, "reference": None,
+                "family": "check", "model": "uniform grey + PP-OCR", "flagged": 3},
 }  # fmt: skip
+METRICS["hpsv2"]["weights"] = [{"file": "HPS_v2.1_compressed.pt", "path": "/models/hps/HPS_v2.1_compressed.pt",
+                                "bytes": 3_944_021_875, "mtime_ns": 0, "sha256": "5d" * 32}]  # fmt: skip
+# (variant, caption mode, prompt index, seed) of the images the blocked check flags; their quality scores are
+# set to the worst value, so a report that failed to leave them out would show it.
+BLOCKED = {("nf4", "raw", 3, 0), ("nf4", "raw", 7, 0), ("q4_k", "raw", 5, 1)}
 
 
 def _image(color: tuple[int, int, int], k: int) -> Image.Image:
@@ -124,6 +131,12 @@ def write_run(
                         identical = v == "int8" and k == 0 and seed == 0  # PSNR of identical images: inf
                         values["psnr"] = float("inf") if identical else 40 - 60 * lp
                         values["ssim"] = 1 - 2 * lp
+                    blocked = (v, mode, k, seed) in BLOCKED
+                    if blocked:
+                        values.update(hpsv2=0.0, clip_score=0.0, ocr_exact=0.0, ocr_ned=1.0)
+                        if v != reference:
+                            values.update(lpips=1.0, psnr=5.0, ssim=0.0)
+                    values["blocked"] = 1.0 if blocked else 0.0
                     for metric, value in values.items():
                         rows.append([v, pid, seed, mode, category[pid], metric, repr(value)])
     with (root / "manifest.jsonl").open("w") as fh:

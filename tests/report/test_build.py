@@ -15,7 +15,9 @@ from ditq.report import build_report
 SECTIONS = (
     "Run settings",
     "Variant table",
+    "Headline comparisons",
     "Paired differences",
+    "Blocked images",
     "Quality–memory Pareto plot",
     "Per-category text rendering",
     "Raw-string vs JSON-caption ablation",
@@ -98,13 +100,13 @@ def test_variant_table_sizes_and_reference_row(built_report):
 def test_paired_differences_detect_known_effects_with_direction(built_report):
     md = built_report.markdown.read_text()
     hps = {r["Comparison"]: r for r in md_table(md, "hpsv2 ↑", after="Paired differences")}
-    assert hps["nf4 − fp8"]["CI excludes 0"] == "yes — worse"  # nf4 was built 0.03 lower
-    assert hps["q4_k − nf4"]["CI excludes 0"] == "yes — better"
+    assert hps["nf4 − fp8"]["Differs (Holm)"] == "yes — worse"  # nf4 was built 0.03 lower
+    assert hps["q4_k − nf4"]["Differs (Holm)"] == "yes — better"
     assert float(hps["nf4 − fp8"]["Δ"]) == pytest.approx(-0.03, abs=0.005)
     lpips = {r["Comparison"]: r for r in md_table(md, "lpips ↓", after="Paired differences")}
     assert "int8 − fp8" not in lpips  # fidelity is already measured against the reference
-    assert float(lpips["nf4 − int8"]["Δ"]) > 0 and lpips["nf4 − int8"]["CI excludes 0"] == "yes — worse"
-    assert "Holm–Bonferroni adjusted p-values control the family-wise error rate" in md
+    assert float(lpips["nf4 − int8"]["Δ"]) > 0 and lpips["nf4 − int8"]["Differs (Holm)"] == "yes — worse"
+    assert "the verdicts (Differs) come from Holm step-down intervals" in md
     m = int(re.search(r"this section makes (\d+) paired comparisons", md).group(1))
     assert m == 4 * 10 + 3 * 6  # hpsv2, clip, 2 text metrics: 10 pairs each; lpips, psnr, ssim: 6 pairs
 
@@ -113,7 +115,7 @@ def test_ablation_and_text_sections(built_report):
     md = built_report.markdown.read_text()
     abl = {r["Variant"]: r for r in md_table(md, "hpsv2 ↑", after="Raw-string vs JSON-caption ablation")}
     for variant in ("fp8", "int8", "q8_0", "nf4", "q4_k"):
-        assert abl[variant]["CI excludes 0"] == "yes — worse"  # raw captions were built 0.01 lower
+        assert abl[variant]["Differs (Holm)"] == "yes — worse"  # raw captions were built 0.01 lower
         assert float(abl[variant]["Δ"]) == pytest.approx(-0.01, abs=0.003)
     text = md_table(md, "ocr_exact ↑", after="Per-category text rendering")
     assert set(text[0]) == {"Variant", "poster", "product", "signage", "all"}

@@ -31,7 +31,10 @@ def test_load_run_reads_the_layout(small_run):
     obs = run.scores.observations("int8", "json", "hpsv2")
     assert set(obs) == {("p00", 0), ("p01", 0), ("p02", 0)}
     assert run.metrics["lpips"].reference == "fp8" and not run.metrics["lpips"].higher_is_better
-    assert run.scores.dropped_nonfinite == {("int8", "psnr"): 2}  # the inf PSNR, once per caption mode
+    assert run.scores.dropped_nonfinite == {}  # the inf PSNR of identical images is kept, not dropped
+    assert run.scores.observations("int8", "json", "psnr")[("p00", 0)] == float("inf")
+    assert run.scores.observations("int8", "raw", "psnr")[("p00", 0)] == float("inf")
+    assert run.image_size == (1024, 1024)  # from run.json settings
 
 
 def test_scores_with_unknown_variant(small_run):
@@ -118,3 +121,38 @@ def test_empty_category_reads_as_uncategorized(small_run):
     )
     run = load_run(small_run)
     assert "uncategorized" in run.scores.categories()
+
+
+def test_only_nan_and_non_psnr_infinities_are_dropped(small_run):
+    _rewrite_scores(
+        small_run,
+        lambda lines: (
+            lines
+            + [
+                "int8,p00,1,json,signage,hpsv2,nan",
+                "int8,p01,1,json,signage,clip_score,inf",
+                "int8,p02,1,json,signage,psnr,inf",
+            ]
+        ),
+    )
+    run = load_run(small_run)
+    assert run.scores.dropped_nonfinite == {("int8", "hpsv2"): 1, ("int8", "clip_score"): 1}
+    assert run.scores.observations("int8", "json", "psnr")[("p02", 1)] == float("inf")
+
+
+def test_blocked_rows_mark_images_left_out(small_run):
+    flag = ("int8,p01,0,json,", "fp8,p02,0,json,")
+
+    def edit(lines):
+        return [
+            line.rsplit(",", 1)[0] + ",1.0" if line.startswith(flag) and ",blocked," in line else line
+            for line in lines
+        ]
+
+    _rewrite_scores(small_run, edit)
+    run = load_run(small_run)
+    assert run.scores.blocked == {("int8", "json", "p01", 0), ("fp8", "json", "p02", 0)}
+    kept = run.scores.observations("int8", "json", "lpips", unblocked=True, reference="fp8")
+    assert set(kept) == {("p00", 0)}  # p01: the image was blocked; p02: its reference image was
+    assert set(run.scores.observations("int8", "json", "hpsv2", unblocked=True)) == {("p00", 0), ("p02", 0)}
+    assert run.scores.blocked_count("int8", "json", "lpips", reference="fp8") == 2

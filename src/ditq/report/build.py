@@ -11,6 +11,7 @@ from pathlib import Path
 from ditq._version import __version__
 from ditq.errors import ConfigError
 from ditq.report.analysis import Analysis, StatsSettings
+from ditq.report.blocking import blocked_section
 from ditq.report.document import (
     Cell,
     Document,
@@ -23,8 +24,9 @@ from ditq.report.document import (
 )
 from ditq.report.formatting import arrow, ci_cell, memory_of, size_text
 from ditq.report.grids import compose_grid
+from ditq.report.headline import headline_section
 from ditq.report.inputs import MetricInfo, RunData, load_run
-from ditq.report.pareto import ParetoPoint, plot_pareto
+from ditq.report.pareto import ParetoPoint, frontier_shares, plot_pareto
 from ditq.report.sections import ablation_section, paired_section, text_section, variant_section
 from ditq.stats import BootstrapCI
 
@@ -64,7 +66,7 @@ def choose_quality_metric(metrics: dict[str, MetricInfo], requested: str | None 
             known = ", ".join(metrics) or "none"
             raise ConfigError(f"quality metric {requested!r} is not in metrics.json (known: {known})")
         return metrics[requested]
-    available = [m for m in metrics.values() if m.available]
+    available = [m for m in metrics.values() if m.available and m.family != "check"]
     for pref in QUALITY_PREFERENCE:
         for m in available:
             if _norm(m.name).startswith(pref):
@@ -100,7 +102,41 @@ def _settings_section(run: RunData, analysis: Analysis) -> Section:
     section.add(Table(["Setting", "Value"], rows))
     variants = [[name, v.format or "", v.model or ""] for name, v in run.variants.items()]
     section.add(Table(["Variant", "Format", "Model"], variants, caption="Variants"))
+    section.add(_weights_table(run))
     return section
+
+
+def _weights_table(run: RunData) -> Table | Paragraph:
+    """Every weight file a metric loaded, with its sha256 (pinned with `ditq eval --expect-hash`)."""
+    rows: list[list[str | Cell]] = []
+    for info in run.metrics.values():
+        for w in info.weights:
+            digest = str(w.get("sha256"))
+            size = w.get("bytes")
+            size_cell = (
+                Cell(size_text(size), title=f"{size:,} bytes", css="num") if isinstance(size, int) else ""
+            )
+            rows.append(
+                [
+                    info.name,
+                    str(w.get("file") or ""),
+                    Cell(f"`{digest}`", title=str(w.get("path") or "")),
+                    size_cell,
+                ]
+            )
+    if not rows:
+        loaded = [m.name for m in run.metrics.values() if m.available and m.family != "check"]
+        return Paragraph(
+            "Metric weights: no metric of this run loaded weight files ("
+            + (", ".join(loaded) or "none scored")
+            + "); CLIP score, PickScore, HPSv2 and LPIPS record the sha256 of theirs when they run.",
+            "note",
+        )
+    return Table(
+        ["Metric", "Weight file", "sha256", "Size"],
+        rows,
+        caption="Metric weights (pin with `ditq eval --expect-hash METRIC=SHA256`)",
+    )
 
 
 def _methods_section(analysis: Analysis) -> Section:
@@ -117,9 +153,18 @@ def _methods_section(analysis: Analysis) -> Section:
         "numbers. Where BCa is undefined (all prompt values equal) the percentile interval is used. p-values "
         "come from a two-sided paired sign-flip permutation test of the mean difference (exact when 2^n does "
         "not exceed the resample count, otherwise Monte Carlo with the same seed), Holm–Bonferroni adjusted "
-        "within each family of comparisons. Bootstrap intervals from few prompts (fewer than about 20) are "
-        "narrower than their nominal level; there the sign-flip p-value is the safer guide. Non-finite scores "
-        "(e.g. PSNR of identical images) are dropped and counted under Data notes."
+        "within each family of comparisons. Verdicts (“Differs”) come from Holm step-down intervals over each "
+        "section's family: the intervals of the comparisons not yet established are widened to level 1 − α/(number "
+        "left) and the step repeats while one excludes 0, which keeps the family-wise error rate at α; unadjusted "
+        "intervals are shown too. Bootstrap intervals from few prompts (fewer than about 20) are narrower than "
+        "their nominal level; there the sign-flip p-value is the safer guide. PSNR is combined over seeds through "
+        "the mean squared error, so images identical to the reference (PSNR = ∞) are kept; a prompt whose images "
+        f"are all identical gets {analysis.psnr_ceiling:.1f} dB, the PSNR of a single 8-bit step in one channel "
+        "of one pixel at the run's resolution. Images the blocked check flags as the safety-filter placeholder "
+        "are left out of every quality number (and, for fidelity metrics, images whose reference was blocked); "
+        "block rates are compared on all images. The Pareto frontier's uncertainty is the share of bootstrap "
+        "resamples of the prompts (one draw shared by all variants) in which a variant is non-dominated. Other "
+        "empty or non-finite scores are dropped and counted under Data notes."
     )
     return Section(METHODS, "methods", [Paragraph(text)])
 
@@ -136,7 +181,7 @@ def _pareto_section(
     if not info.available:
         section.add(Paragraph(f"{info.name}: unavailable: {info.reason}; no plot.", "note"))
         return section, None
-    points, intervals, skipped = [], [], []
+    points, intervals, skipped, names = [], [], [], []
     for name, variant in run.variants.items():
         mem = memory_of(variant, memory)
         ci = analysis.mean(name, info.name, analysis.main_mode)
@@ -149,9 +194,22 @@ def _pareto_section(
                 ParetoPoint(label=name, memory_bytes=mem, quality=ci.estimate, low=ci.low, high=ci.high)
             )
             intervals.append(ci)
+            names.append(name)
     if not points:
         section.add(Paragraph(f"No variant has both a size and a {info.name} score; no plot.", "note"))
         return section, None
+    shares, n_common = _frontier_shares(analysis, names, [p.memory_bytes for p in points], info)
+    if shares is not None:
+        points = [
+            ParetoPoint(
+                label=f"{p.label} ({share:.0%})",
+                memory_bytes=p.memory_bytes,
+                quality=p.quality,
+                low=p.low,
+                high=p.high,
+            )
+            for p, share in zip(points, shares, strict=True)
+        ]
     path = out_dir / "pareto.png"
     label = MEMORY_KINDS[memory]
     front = plot_pareto(
@@ -163,22 +221,51 @@ def _pareto_section(
             f"x: {label.lower()} of the conditional transformer; y: {info.name} {arrow(info)} ({direction} is "
             f"better), mean over prompts with {100 * analysis.settings.confidence_level:g}% CI error bars. A "
             "variant is on the frontier when no other variant uses no more memory and scores at least as well "
-            "(strictly better in one); pick from the frontier."
+            "(strictly better in one); pick from the frontier. The means are uncertain, so the frontier is "
+            "too: the percentage beside each variant is the share of bootstrap resamples of the prompts in "
+            "which it is non-dominated"
+            + (
+                f" ({analysis.settings.n_resamples:,} resamples of the {n_common} prompts scored for every "
+                "plotted variant)."
+                if shares is not None
+                else "; it needs at least two prompts scored for every plotted variant, which this run lacks."
+            )
         )
     )
     section.add(
-        Figure("pareto.png", f"{info.name} against {label.lower()} per transformer", "* = non-dominated")
+        Figure(
+            "pareto.png",
+            f"{info.name} against {label.lower()} per transformer",
+            "* = non-dominated; (%) = share of resamples in which it is non-dominated",
+        )
     )
     rows = []
-    for p, ci, on in zip(points, intervals, front, strict=True):
+    for i, (name, p, ci, on) in enumerate(zip(names, points, intervals, front, strict=True)):
         size = Cell(size_text(p.memory_bytes), title=f"{int(p.memory_bytes):,} bytes", css="num bytes")
-        rows.append([Cell(p.label, css="frontier" if on else None), size, ci_cell(ci), "yes" if on else "no"])
-    section.add(
-        Table(["Variant", f"{label} / transformer", f"{info.name} {arrow(info)}", "On frontier"], rows)
-    )
+        share = Cell(f"{shares[i]:.1%}", css="num") if shares is not None else Cell("n/a")
+        rows.append(
+            [Cell(name, css="frontier" if on else None), size, ci_cell(ci), "yes" if on else "no", share]
+        )
+    header = ["Variant", f"{label} / transformer", f"{info.name} {arrow(info)}", "On frontier"]
+    header.append(Cell("Non-dominated in resamples", title="share of bootstrap resamples of the prompts"))
+    section.add(Table(header, rows))
     if skipped:
         section.add(Paragraph("Not plotted: " + "; ".join(skipped) + ".", "note"))
     return section, path
+
+
+def _frontier_shares(
+    analysis: Analysis, names: list[str], memory: list[float], info: MetricInfo
+) -> tuple[list[float] | None, int]:
+    """Per variant, the share of bootstrap resamples of the common prompts in which it is non-dominated."""
+    units, matrix = analysis.common_units(names, info.name, analysis.main_mode)
+    if len(units) < 2:
+        return None, len(units)
+    st = analysis.settings
+    shares = frontier_shares(
+        memory, matrix, higher_is_better=info.higher_is_better, n_resamples=st.n_resamples, seed=st.seed
+    )
+    return [float(x) for x in shares], len(units)
 
 
 def _image_index(run: RunData) -> dict[tuple[str, str, str, int], Path]:
@@ -305,7 +392,9 @@ def build_report(
     sections = [notes] if notes else []
     sections += [
         variant_section(analysis),
+        headline_section(analysis),
         paired_section(analysis),
+        blocked_section(analysis),
         pareto,
         text_section(analysis),
         ablation_section(analysis),

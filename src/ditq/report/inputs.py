@@ -3,6 +3,10 @@
 Layout: docs/DESIGN.md, "Run folders". Only run.json is required; a run that has not been scored yet (no
 scores.csv, or one with a header only) loads with an empty score table and the report says so. Inconsistent
 input raises `RunFolderError` naming the file, the line or field, and what was expected.
+
+No score is dropped silently: a PSNR of identical images (`inf`) is kept (the analysis aggregates PSNR over MSE),
+and the `blocked` check's rows mark the images the analysis leaves out of quality means. Only empty or NaN
+values, and infinities of other metrics, are dropped, and counted for the report's data notes.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ from typing import Any
 from ditq.errors import DitqError
 
 SCORE_COLUMNS = ("variant", "prompt_id", "seed", "caption_mode", "category", "metric", "value")
-FAMILIES = ("fidelity", "text", "preference")
+FAMILIES = ("fidelity", "text", "preference", "check")
+# Metrics whose value is +inf for identical images and is aggregated over MSE (ditq.stats.psnr_unit_values).
+PSNR_METRICS = frozenset({"psnr"})
+BLOCKED = "blocked"
 
 # (variant, caption_mode, metric) -> {(prompt_id, seed): value}
 CellKey = tuple[str, str, str]
@@ -51,25 +58,53 @@ class MetricInfo:
     reference: str | None
     family: str
     model: str | None
+    weights: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass
 class ScoreTable:
-    """scores.csv indexed by (variant, caption_mode, metric); non-finite values are dropped and counted."""
+    """scores.csv indexed by (variant, caption_mode, metric); empty, NaN and (outside PSNR) infinite values are
+    dropped and counted. `blocked` holds the (variant, caption_mode, prompt_id, seed) images the blocked check
+    flagged."""
 
     cells: dict[CellKey, dict[Observation, float]] = field(default_factory=dict)
     category: dict[str, str] = field(default_factory=dict)
     dropped_nonfinite: dict[tuple[str, str], int] = field(default_factory=dict)
     n_rows: int = 0
+    blocked: set[tuple[str, str, str, int]] = field(default_factory=set)
 
     def observations(
-        self, variant: str, caption_mode: str, metric: str, category: str | None = None
+        self,
+        variant: str,
+        caption_mode: str,
+        metric: str,
+        category: str | None = None,
+        *,
+        unblocked: bool = False,
+        reference: str | None = None,
     ) -> dict[Observation, float]:
-        """{(prompt_id, seed): value} for one variant, caption mode and metric (optionally one category)."""
+        """{(prompt_id, seed): value} for one variant, caption mode and metric (optionally one category).
+
+        unblocked: leave out images the blocked check flagged, and with `reference` also those whose reference
+        image (same prompt, seed and mode) was flagged.
+        """
         obs = self.cells.get((variant, caption_mode, metric), {})
-        if category is None:
-            return obs
-        return {key: v for key, v in obs.items() if self.category.get(key[0]) == category}
+        if category is not None:
+            obs = {key: v for key, v in obs.items() if self.category.get(key[0]) == category}
+        if unblocked and self.blocked:
+            sides = [variant] + ([reference] if reference else [])
+            obs = {
+                k: v for k, v in obs.items() if not any((s, caption_mode, *k) in self.blocked for s in sides)
+            }
+        return obs
+
+    def blocked_count(
+        self, variant: str, caption_mode: str, metric: str, reference: str | None = None
+    ) -> int:
+        """How many of the metric's scored images the `unblocked` filter leaves out."""
+        every = self.observations(variant, caption_mode, metric)
+        kept = self.observations(variant, caption_mode, metric, unblocked=True, reference=reference)
+        return len(every) - len(kept)
 
     def caption_modes(self) -> list[str]:
         return sorted({mode for _v, mode, _m in self.cells})
@@ -101,6 +136,7 @@ class RunData:
     metrics: dict[str, MetricInfo]
     scores: ScoreTable
     missing_images: list[str] = field(default_factory=list)
+    image_size: tuple[int, int] | None = None  # (height, width) of the generated images, when known
 
 
 def _read_json(path: Path) -> Any:
@@ -182,6 +218,13 @@ def _load_metrics(path: Path) -> tuple[dict[str, MetricInfo], list[str]]:
             raise RunFolderError(f"{path}: metric {name!r}: field 'higher_is_better' must be true or false")
         reference = spec.get("reference")
         family = spec.get("family") or ("fidelity" if reference else "other")
+        weights = spec.get("weights") or []
+        if not isinstance(weights, list) or not all(
+            isinstance(w, dict) and isinstance(w.get("sha256"), str) for w in weights
+        ):
+            raise RunFolderError(
+                f"{path}: metric {name!r}: field 'weights' must be a list of {{file, sha256, ...}}"
+            )
         metrics[name] = MetricInfo(
             name=name,
             available=spec["available"],
@@ -190,6 +233,7 @@ def _load_metrics(path: Path) -> tuple[dict[str, MetricInfo], list[str]]:
             reference=None if reference is None else str(reference),
             family=str(family),
             model=None if spec.get("model") is None else str(spec["model"]),
+            weights=tuple(weights),
         )
     return metrics, missing_images
 
@@ -242,10 +286,12 @@ def _load_scores(
             metric = row["metric"]
             table.n_rows += 1
             table.category.setdefault(prompt_id, row["category"] or "uncategorized")
-            if not math.isfinite(value):
+            if not (math.isfinite(value) or (value == math.inf and metric in PSNR_METRICS)):
                 key = (variant, metric)
                 table.dropped_nonfinite[key] = table.dropped_nonfinite.get(key, 0) + 1
                 continue
+            if metric == BLOCKED and value >= 0.5:
+                table.blocked.add((variant, mode, prompt_id, seed))
             cell = table.cells.setdefault((variant, mode, metric), {})
             previous = cell.get((prompt_id, seed))
             if previous is not None and previous != value:
@@ -254,6 +300,25 @@ def _load_scores(
                 )
             cell[(prompt_id, seed)] = value
     return table
+
+
+def _image_size(root: Path, settings: Any, manifest: list[dict[str, Any]]) -> tuple[int, int] | None:
+    """(height, width) from run.json settings, else from the first image of the manifest that can be read."""
+    if isinstance(settings, dict):
+        h, w = settings.get("height"), settings.get("width")
+        if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0:
+            return h, w
+    for record in manifest:
+        path = root / str(record.get("path") or "")
+        if path.is_file():
+            try:
+                from PIL import Image
+
+                with Image.open(path) as image:
+                    return image.height, image.width
+            except OSError:
+                continue
+    return None
 
 
 def load_run(run_dir: str | Path) -> RunData:
@@ -281,6 +346,7 @@ def load_run(run_dir: str | Path) -> RunData:
         )
     known = {"suite", "prompt_ids", "seeds", "caption_modes", "settings", "variants", "reference_variant"}
     return RunData(
+        image_size=_image_size(root, run.get("settings") or {}, manifest),
         root=root,
         suite=None if run.get("suite") is None else str(run["suite"]),
         prompt_ids=prompt_ids,

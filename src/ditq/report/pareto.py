@@ -60,7 +60,9 @@ def frontier_shares(
     mem = np.asarray(memory, dtype=np.float64)
     values = np.asarray(unit_values, dtype=np.float64)
     if values.ndim != 2 or mem.shape != (values.shape[0],):
-        raise ValueError(f"unit_values must be [k, n] with k = len(memory), got {values.shape} and {mem.shape}")
+        raise ValueError(
+            f"unit_values must be [k, n] with k = len(memory), got {values.shape} and {mem.shape}"
+        )
     k, n = values.shape
     if n == 0 or not np.all(np.isfinite(values)) or not np.all(np.isfinite(mem)):
         raise ValueError("frontier_shares needs at least one unit and finite memory and quality values")

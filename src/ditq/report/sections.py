@@ -1,4 +1,7 @@
-"""The report's statistical sections: variant table, paired differences, text per category, caption ablation."""
+"""The report's statistical sections: variant table, paired differences, text per category, caption ablation.
+
+Verdicts ("yes — better / worse") come from Holm step-down intervals over each section's family of comparisons;
+the unadjusted intervals are shown beside them."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from ditq.report.formatting import (
     metric_header,
     missing_cell,
 )
-from ditq.report.inputs import MetricInfo
+from ditq.report.inputs import PSNR_METRICS, MetricInfo
 from ditq.stats import PairedDifference, bonferroni_confidence_level
 
 VARIANTS = "Variant table"
@@ -47,6 +50,10 @@ def variant_section(analysis: Analysis) -> Section:
     if wall:
         header.append(Cell("s / image", title="median wall-clock seconds per image, from manifest.jsonl"))
     header += [metric_header(m) for m in metrics]
+    if analysis.block_checked:
+        header.append(
+            Cell("Blocked", title="images the blocked check flagged, left out of every mean in the row")
+        )
     rows = []
     shared: dict[tuple[str, str], Cell] = {}  # one cell per (metric, reason), drawn once down the column
     for name, variant in run.variants.items():
@@ -63,9 +70,30 @@ def variant_section(analysis: Analysis) -> Section:
                 row.append(shared.setdefault((m.name, value.text), missing_cell(value, span=True)))
             else:
                 row.append(ci_cell(value))
+        if analysis.block_checked:
+            checked = analysis.observations(name, mode, "blocked")
+            flagged = sum(1 for v in checked.values() if v >= 0.5)
+            row.append(Cell(f"{flagged} of {len(checked)}", css="num"))
         rows.append(row)
     caption = f"Means over prompts with {_level(analysis)} bootstrap CIs, caption mode `{mode}`"
     section.add(Table(header, rows, caption=caption))
+    if analysis.block_checked:
+        section.add(
+            Paragraph(
+                "Blocked: images that are Ideogram 4's safety-filter placeholder (see Blocked images); they are "
+                "left out of every mean and comparison of quality, and fidelity metrics also leave out images "
+                "whose reference image was blocked."
+            )
+        )
+    else:
+        section.add(
+            Paragraph(
+                "The run was not scored with the blocked check (`ditq eval` runs it unless --no-checks): a "
+                "safety-filter placeholder, if any, is scored like any other image.",
+                "note",
+            )
+        )
+    section.add(identical_note(analysis, mode))
     section.add(
         Paragraph(
             "↑ higher is better, ↓ lower is better. Sizes are per transformer (the conditional one; the "
@@ -81,57 +109,92 @@ def variant_section(analysis: Analysis) -> Section:
     return section
 
 
+def identical_note(analysis: Analysis, mode: str) -> Paragraph:
+    """How many images were pixel-identical to the reference (PSNR = inf), per variant; none are dropped."""
+    run = analysis.run
+    psnr = next((m for m in PSNR_METRICS if m in run.metrics and run.metrics[m].available), None)
+    if psnr is None:
+        return Paragraph("No PSNR was scored, so identical images are not counted.", "note")
+    parts = []
+    for name in run.variants:
+        obs = analysis.observations(name, mode, psnr)
+        if obs:
+            parts.append(f"{name} {sum(1 for v in obs.values() if v == float('inf'))} of {len(obs)}")
+    counted = "; ".join(parts) or "no image scored"
+    return Paragraph(
+        f"Images identical to the reference image ({psnr} = ∞), caption mode `{mode}`: {counted}. None is "
+        f"dropped: a prompt's {psnr} is computed from the mean squared error over its seeds, and a prompt whose "
+        f"images are all identical gets {fmt_num(analysis.psnr_ceiling)} dB, the {psnr} of the smallest possible "
+        "difference (one 8-bit step in one channel of one pixel)."
+    )
+
+
 def ordered_metrics(analysis: Analysis) -> list[MetricInfo]:
-    """Metrics grouped by family (preference, fidelity, text, others), in metrics.json order within one."""
+    """Quality metrics grouped by family (preference, fidelity, text, others), in metrics.json order within
+    one; checks (the blocked check) are not quality metrics and are left out."""
     rank = {"preference": 0, "fidelity": 1, "text": 2}
-    return sorted(analysis.run.metrics.values(), key=lambda m: rank.get(m.family, 3))
+    metrics = [m for m in analysis.run.metrics.values() if m.family != "check"]
+    return sorted(metrics, key=lambda m: rank.get(m.family, 3))
 
 
-def _verdict(result: PairedDifference, info: MetricInfo) -> Cell:
-    if not result.excludes_zero:
+def verdict_cell(c: Comparison, info: MetricInfo) -> Cell:
+    """'yes — better / worse' where the Holm-adjusted interval excludes 0, from the first side's view."""
+    if not c.significant or not isinstance(c.result, PairedDifference):
         return Cell("no")
-    better = (result.estimate > 0) == info.higher_is_better
+    better = (c.result.estimate > 0) == info.higher_is_better
     return Cell("yes — better" if better else "yes — worse", css="sig" if better else "worse")
 
 
-def _comparison_row(c: Comparison, info: MetricInfo, label: str) -> list[str | Cell]:
+def interval_text(r: PairedDifference) -> str:
+    return fmt_interval(r.low, r.high) if r.n > 1 else "n=1, no CI"
+
+
+def comparison_row(c: Comparison, info: MetricInfo, label: str) -> list[str | Cell]:
     if isinstance(c.result, Missing):
-        return [label, missing_cell(c.result), "", "", "", "", ""]
+        return [label, missing_cell(c.result), "", "", "", "", "", ""]
     r = c.result
-    ci = fmt_interval(r.low, r.high) if r.n > 1 else "n=1, no CI"
+    adjusted = c.adjusted or r
+    level = f"{100 * adjusted.ci.confidence_level:.4g}%"
     return [
         label,
         Cell(fmt_num(r.estimate), css="num"),
-        Cell(ci, css="num", title=f"{r.ci.method} paired bootstrap over prompts, seed {r.seed}"),
-        _verdict(r, info),
+        Cell(
+            interval_text(r), css="num", title=f"{r.ci.method} paired bootstrap over prompts, seed {r.seed}"
+        ),
+        Cell(interval_text(adjusted), css="num", title=f"Holm step-down interval, level {level}"),
+        verdict_cell(c, info),
         Cell(fmt_p(r.p_value), css="num"),
         Cell(fmt_p(c.holm_p), css="num"),
         Cell(str(r.n), css="num"),
     ]
 
 
-def _diff_header(analysis: Analysis) -> list[str | Cell]:
+def diff_header(analysis: Analysis, adjusted_level: float) -> list[str | Cell]:
+    level = f"{100 * adjusted_level:.4g}%"
     return [
         "Comparison",
         Cell("Δ", title="mean over prompts of the per-prompt difference first − second"),
-        f"{_level(analysis)} CI",
-        Cell("CI excludes 0", title="better/worse for the first-named side, given the metric's direction"),
+        Cell(f"{_level(analysis)} CI", title="unadjusted paired bootstrap interval"),
+        Cell(f"Holm CI ({level})", title="Holm step-down interval over this section's family of comparisons"),
+        Cell("Differs (Holm)", title="the Holm interval excludes 0: better/worse for the first-named side"),
         Cell("p", title="two-sided paired sign-flip permutation test"),
         Cell("Holm p", title="Holm–Bonferroni adjusted over every comparison in this section"),
         Cell("prompts", title="number of prompts scored for both sides"),
     ]
 
 
-def _multiple_comparisons_note(analysis: Analysis, m: int, what: str) -> Paragraph:
+def multiple_comparisons_note(analysis: Analysis, m: int, adjusted_level: float, what: str) -> Paragraph:
     if m == 0:
         return Paragraph(f"No {what} could be tested.", "note")
     level = analysis.settings.confidence_level
     return Paragraph(
-        f"Multiple comparisons: this section makes {m} {what}. Each interval is a marginal "
-        f"{_level(analysis)} interval, so about {100 * (1 - level):g}% of null comparisons would exclude 0 by "
-        f"chance. The Holm–Bonferroni adjusted p-values control the family-wise error rate over all {m}: "
-        f"treat a difference as established when Holm p < {1 - level:g}. Simultaneous Bonferroni intervals "
-        f"would use the {100 * bonferroni_confidence_level(level, m):.3g}% level per interval."
+        f"Multiple comparisons: this section makes {m} {what}. A marginal {_level(analysis)} interval excludes 0 "
+        f"for about {100 * (1 - level):g}% of null comparisons by chance, so the verdicts (Differs) come from "
+        f"Holm step-down intervals: each step widens the intervals of the comparisons not yet established to "
+        f"level 1 − {1 - level:g}/(number left), which keeps the chance of any false verdict in the section "
+        f"at {1 - level:g}; the last step ran at {100 * adjusted_level:.4g}% (the first, Bonferroni's, at "
+        f"{100 * bonferroni_confidence_level(level, m):.4g}%). The unadjusted intervals and the sign-flip "
+        "p-values with their Holm adjustment are shown beside them."
     )
 
 
@@ -160,7 +223,9 @@ def paired_section(analysis: Analysis) -> Section:
         for a, b in pairs:
             rows.append((f"{a} − {b}", analysis.paired(info.name, (a, mode), (b, mode))))
         per_metric.append((info, rows))
-    m = adjust_family([c for _info, rows in per_metric for _label, c in rows])
+    m, adjusted_level = adjust_family(
+        [c for _info, rows in per_metric for _label, c in rows], analysis.settings.confidence_level
+    )
     section.add(
         Paragraph(
             f"Δ = first − second on the same prompts and seeds (caption mode `{mode}`), averaged over seeds "
@@ -171,12 +236,12 @@ def paired_section(analysis: Analysis) -> Section:
     for info, rows in per_metric:
         if not rows:
             continue
-        body = [_comparison_row(c, info, label) for label, c in rows]
-        section.add(Table(_diff_header(analysis), body, caption=f"{info.name} {arrow(info)}"))
+        body = [comparison_row(c, info, label) for label, c in rows]
+        section.add(Table(diff_header(analysis, adjusted_level), body, caption=f"{info.name} {arrow(info)}"))
     unavailable = [f"{i.name} (unavailable: {i.reason})" for i in run.metrics.values() if not i.available]
     if unavailable:
         section.add(Paragraph("Not compared: " + "; ".join(unavailable) + ".", "note"))
-    section.add(_multiple_comparisons_note(analysis, m, "paired comparisons"))
+    section.add(multiple_comparisons_note(analysis, m, adjusted_level, "paired comparisons"))
     return section
 
 
@@ -225,7 +290,9 @@ def ablation_section(analysis: Analysis) -> Section:
     section.add(
         Paragraph(
             "The same prompts rendered from the structured JSON caption and from the raw prompt string. "
-            "Δ = raw − json, paired on prompt and seed within each variant, averaged over seeds per prompt."
+            "Δ = raw − json, paired on prompt and seed within each variant, averaged over seeds per prompt. "
+            "Blocked images are left out on both sides (plain-text prompts trigger the safety filter more "
+            "often; its rates are compared under Blocked images)."
         )
     )
     family: list[tuple[MetricInfo, list[tuple[str, Comparison]]]] = []
@@ -233,13 +300,15 @@ def ablation_section(analysis: Analysis) -> Section:
         family.append(
             (info, [(v, analysis.paired(info.name, (v, "raw"), (v, "json"))) for v in run.variants])
         )
-    m = adjust_family([c for _info, rows in family for _v, c in rows])
+    m, adjusted_level = adjust_family(
+        [c for _info, rows in family for _v, c in rows], analysis.settings.confidence_level
+    )
     for info, rows in family:
-        header = ["Variant", "json", "raw", *_diff_header(analysis)[1:]]
+        header = ["Variant", "json", "raw", *diff_header(analysis, adjusted_level)[1:]]
         body = []
         for variant, c in rows:
             means = [ci_cell(analysis.mean(variant, info.name, mode)) for mode in ("json", "raw")]
-            body.append([variant, *means, *_comparison_row(c, info, variant)[1:]])
+            body.append([variant, *means, *comparison_row(c, info, variant)[1:]])
         section.add(Table(header, body, caption=f"{info.name} {arrow(info)}"))
-    section.add(_multiple_comparisons_note(analysis, m, "raw-vs-json comparisons"))
+    section.add(multiple_comparisons_note(analysis, m, adjusted_level, "raw-vs-json comparisons"))
     return section
