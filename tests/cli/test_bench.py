@@ -8,7 +8,9 @@ from ditq.cli import main
 
 SECTIONS = (
     "Variant table",
+    "Headline comparisons",
     "Paired differences",
+    "Blocked images",
     "Quality–memory Pareto plot",
     "Per-category text rendering",
     "Raw-string vs JSON-caption ablation",
@@ -45,6 +47,13 @@ def test_bench_tiny_end_to_end(tiny_fp8_dir, tmp_path, capsys):
     metrics = json.loads((out / "run" / "metrics.json").read_text())["metrics"]
     assert metrics["clip_score"]["available"] is False and metrics["clip_score"]["reason"]
     assert metrics["psnr"]["available"] is True
+    # The blocked check ran on every image (the tiny model's noise is never the placeholder).
+    assert metrics["blocked"]["rows"] == 16 and metrics["blocked"]["flagged"] == 0
+    md = (out / "run" / "report" / "report.md").read_text()
+    assert "| int8 − fp8: clip_score | unavailable:" in md  # headline rows, named, even when unavailable
+    assert "int8: json − raw, ocr_exact" in md
+    assert "Non-dominated in resamples" in md and "Images identical to the reference image" in md
+    assert "No image was blocked" in md and "Metric weights: no metric of this run loaded weight files" in md
     manifest = (out / "run" / "manifest.jsonl").read_text().splitlines()
     assert len(manifest) == 4 * 2 * 2  # variants x prompts x caption modes
     for name in ("int8", "q4_k", "nf4"):

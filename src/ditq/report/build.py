@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ditq._version import __version__
 from ditq.errors import ConfigError
 from ditq.report.analysis import Analysis, StatsSettings
 from ditq.report.blocking import blocked_section
@@ -28,14 +26,13 @@ from ditq.report.headline import headline_section
 from ditq.report.inputs import MetricInfo, RunData, load_run
 from ditq.report.pareto import ParetoPoint, frontier_shares, plot_pareto
 from ditq.report.sections import ablation_section, paired_section, text_section, variant_section
+from ditq.report.settings import methods_section, settings_section
 from ditq.stats import BootstrapCI
 
 log = logging.getLogger(__name__)
 
-SETTINGS = "Run settings"
 PARETO = "Quality–memory Pareto plot"
 GRIDS = "Image grids"
-METHODS = "Methods"
 NOTES = "Data notes"
 # Default quality axis: the first available of these (names compared lower-case without punctuation).
 QUALITY_PREFERENCE = ("hpsv2", "pickscore", "clipscore", "lpips", "psnr")
@@ -76,97 +73,6 @@ def choose_quality_metric(metrics: dict[str, MetricInfo], requested: str | None 
             if m.family == family:
                 return m
     return available[0] if available else None
-
-
-def _settings_section(run: RunData, analysis: Analysis) -> Section:
-    section = Section(SETTINGS, "settings")
-    s = dict(run.settings)
-    rows: list[list[str | Cell]] = [
-        ["Suite", run.suite or "unknown"],
-        ["Prompts", str(len(run.prompt_ids))],
-        ["Seeds", ", ".join(map(str, run.seeds)) or "unknown"],
-        ["Caption modes", ", ".join(run.caption_modes) or "unknown"],
-    ]
-    if "height" in s or "width" in s:
-        rows.append(["Resolution (w × h)", f"{s.pop('width', '?')} × {s.pop('height', '?')}"])
-    for key, label in (("steps", "Steps"), ("guidance_schedule", "Guidance schedule")):
-        if key in s:
-            rows.append([label, json.dumps(s.pop(key))])
-    rows += [[key, json.dumps(value)] for key, value in s.items()]
-    rows.append(["Reference variant", run.reference_variant or "none"])
-    devices = sorted({str(r["device"]) for r in run.manifest if r.get("device")})
-    rows.append(["Device", ", ".join(devices) or "not recorded in manifest.jsonl"])
-    rows += [[key, json.dumps(value)] for key, value in run.extra.items()]
-    rows.append(["ditq version (run / report)", f"{run.ditq_version or 'unknown'} / {__version__}"])
-    rows.append(["Analysis caption mode", analysis.main_mode])
-    section.add(Table(["Setting", "Value"], rows))
-    variants = [[name, v.format or "", v.model or ""] for name, v in run.variants.items()]
-    section.add(Table(["Variant", "Format", "Model"], variants, caption="Variants"))
-    section.add(_weights_table(run))
-    return section
-
-
-def _weights_table(run: RunData) -> Table | Paragraph:
-    """Every weight file a metric loaded, with its sha256 (pinned with `ditq eval --expect-hash`)."""
-    rows: list[list[str | Cell]] = []
-    for info in run.metrics.values():
-        for w in info.weights:
-            digest = str(w.get("sha256"))
-            size = w.get("bytes")
-            size_cell = (
-                Cell(size_text(size), title=f"{size:,} bytes", css="num") if isinstance(size, int) else ""
-            )
-            rows.append(
-                [
-                    info.name,
-                    str(w.get("file") or ""),
-                    Cell(f"`{digest}`", title=str(w.get("path") or "")),
-                    size_cell,
-                ]
-            )
-    if not rows:
-        loaded = [m.name for m in run.metrics.values() if m.available and m.family != "check"]
-        return Paragraph(
-            "Metric weights: no metric of this run loaded weight files ("
-            + (", ".join(loaded) or "none scored")
-            + "); CLIP score, PickScore, HPSv2 and LPIPS record the sha256 of theirs when they run.",
-            "note",
-        )
-    return Table(
-        ["Metric", "Weight file", "sha256", "Size"],
-        rows,
-        caption="Metric weights (pin with `ditq eval --expect-hash METRIC=SHA256`)",
-    )
-
-
-def _methods_section(analysis: Analysis) -> Section:
-    st = analysis.settings
-    level = f"{100 * st.confidence_level:g}%"
-    method = "bias-corrected and accelerated (BCa)" if st.method == "bca" else "percentile"
-    text = (
-        "Paired design: every variant renders the same prompts with the same seeds (the same initial noise), "
-        "so variants are compared image against image. The unit of analysis is the prompt: scores are "
-        "averaged over seeds within each prompt first (after matching prompt and seed between the two sides "
-        "of a comparison), and the bootstrap resamples prompts with replacement. Means and paired differences "
-        f"get {level} {method} bootstrap intervals from {st.n_resamples:,} resamples drawn with numpy's "
-        f"PCG64 generator seeded with {st.seed}; rebuilding the report with the same seed gives the same "
-        "numbers. Where BCa is undefined (all prompt values equal) the percentile interval is used. p-values "
-        "come from a two-sided paired sign-flip permutation test of the mean difference (exact when 2^n does "
-        "not exceed the resample count, otherwise Monte Carlo with the same seed), Holm–Bonferroni adjusted "
-        "within each family of comparisons. Verdicts (“Differs”) come from Holm step-down intervals over each "
-        "section's family: the intervals of the comparisons not yet established are widened to level 1 − α/(number "
-        "left) and the step repeats while one excludes 0, which keeps the family-wise error rate at α; unadjusted "
-        "intervals are shown too. Bootstrap intervals from few prompts (fewer than about 20) are narrower than "
-        "their nominal level; there the sign-flip p-value is the safer guide. PSNR is combined over seeds through "
-        "the mean squared error, so images identical to the reference (PSNR = ∞) are kept; a prompt whose images "
-        f"are all identical gets {analysis.psnr_ceiling:.1f} dB, the PSNR of a single 8-bit step in one channel "
-        "of one pixel at the run's resolution. Images the blocked check flags as the safety-filter placeholder "
-        "are left out of every quality number (and, for fidelity metrics, images whose reference was blocked); "
-        "block rates are compared on all images. The Pareto frontier's uncertainty is the share of bootstrap "
-        "resamples of the prompts (one draw shared by all variants) in which a variant is non-dominated. Other "
-        "empty or non-finite scores are dropped and counted under Data notes."
-    )
-    return Section(METHODS, "methods", [Paragraph(text)])
 
 
 def _pareto_section(
@@ -399,8 +305,8 @@ def build_report(
         text_section(analysis),
         ablation_section(analysis),
         grids,
-        _settings_section(run, analysis),
-        _methods_section(analysis),
+        settings_section(run, analysis),
+        methods_section(analysis),
     ]
     subtitle = (
         f"Run `{run.root.name}` · suite {run.suite or 'unknown'} · {len(run.variants)} variants · "
