@@ -94,7 +94,7 @@ def write_stats(path: Path, cfg: dict, sample_tokens: int = 64) -> None:
     """Synthetic statistics: Gaussian activations with a few channels 20-100x larger, 4 timestep buckets."""
     import torch
 
-    from ditq.quant.int8.calibrate import QUANTILES, CalibrationStats, ModuleStats, fingerprint, linear_shapes
+    from ditq.quant.calibration import QUANTILES, CalibrationStats, ModuleStats, fingerprint, linear_shapes
 
     model = build_meta(cfg)
     shapes = linear_shapes(model)

@@ -67,7 +67,7 @@ def main() -> None:
 
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
-    from ditq.quant.int8 import Int8Linear
+    from ditq.formats.int8 import Int8Linear
 
     print(f"# {machine()}")
     print(

@@ -37,8 +37,8 @@ _API = {
     "recipe_names": "ditq.quant.recipes",
     "Int8W8A8Config": "ditq.quant.int8.config",
     "SmoothQuantConfig": "ditq.quant.int8.config",
-    "CalibrationStats": "ditq.quant.int8.calibrate",
-    "calibrate": "ditq.quant.int8.calibrate",
+    "CalibrationStats": "ditq.quant.calibration",
+    "calibrate": "ditq.quant.calibration",
     "inspect_model": "ditq.quant.inspect",
 }
 _ALIASES = {"calibrate": "calibrate_pipeline"}

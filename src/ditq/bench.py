@@ -40,7 +40,7 @@ def calibration_captions(eval_suite: str, n: int) -> list[str]:
 
 def ensure_calibration(args, out: Path, settings) -> Path:
     from ditq.models.loading import load_pipeline
-    from ditq.quant.int8.calibrate import calibrate_pipeline
+    from ditq.quant.calibration import calibrate_pipeline
 
     path = out / "calibration.safetensors"
     if path.is_file():

@@ -12,7 +12,7 @@ from torch import nn
 
 from ditq.cli import main
 from ditq.errors import ConfigError
-from ditq.quant.int8.calibrate import (
+from ditq.quant.calibration import (
     CalibrationRecorder,
     CalibrationStats,
     calibrate_pipeline,

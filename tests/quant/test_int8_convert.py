@@ -11,18 +11,13 @@ import pytest
 import torch
 
 from ditq.errors import CheckpointError, ConfigError
+from ditq.formats.int8 import Int8Linear
 from ditq.io.safetensors_io import TensorSource
 from ditq.models.loading import ensure_tiny_folder, load_pipeline, load_transformer, pipeline_info
 from ditq.models.record import VariantRecord
-from ditq.quant.int8 import (
-    Int8Linear,
-    SmoothQuantConfig,
-    calibrate_pipeline,
-    convert_transformer_int8,
-    quantize_,
-    write_csv,
-)
-from ditq.quant.int8.calibrate import probe_inputs
+from ditq.quant.api import quantize_
+from ditq.quant.calibration import calibrate_pipeline, probe_inputs
+from ditq.quant.int8 import SmoothQuantConfig, convert_transformer_int8, write_csv
 from ditq.quant.int8.sensitivity import FragilityRow
 from ditq.quant.recipes import Int8Recipe
 from ditq.quant.writer import quantize_pipeline

@@ -9,13 +9,14 @@ import torch
 
 from ditq.errors import CheckpointError
 from ditq.formats.base import detect_format
-from ditq.formats.int8 import MARKER, Int8TensorwiseFormat, marker_tensor
+from ditq.formats.int8 import MARKER, Int8Linear, Int8TensorwiseFormat, marker_tensor
 from ditq.formats.keys import split_to_fused
 from ditq.io.safetensors_io import TensorSource, save_safetensors
 from ditq.models.loading import load_transformer
 from ditq.models.official import fp8_state_dict
-from ditq.quant.int8 import Int8Linear, Int8W8A8Config, convert_transformer_int8, quantize_
-from ditq.quant.int8.calibrate import synthetic_inputs
+from ditq.quant.api import quantize_
+from ditq.quant.calibration import synthetic_inputs
+from ditq.quant.int8 import Int8W8A8Config, convert_transformer_int8
 
 
 def tiny_transformer(seed: int = 0):

@@ -14,8 +14,9 @@ from ditq.errors import ConfigError
 from ditq.formats.keys import split_to_fused
 from ditq.io.safetensors_io import save_safetensors
 from ditq.models.official import fp8_state_dict
-from ditq.quant.int8 import Int8W8A8Config, SmoothQuantConfig, quantize_
-from ditq.quant.int8.calibrate import CalibrationRecorder, probe_inputs, synthetic_inputs
+from ditq.quant.api import quantize_
+from ditq.quant.calibration import CalibrationRecorder, probe_inputs, synthetic_inputs
+from ditq.quant.int8 import Int8W8A8Config, SmoothQuantConfig
 from ditq.quant.int8.sensitivity import (
     FragilityRow,
     ProtectBudget,

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from ditq.errors import ConfigError
-from ditq.quant.api import quantization_record
-from ditq.quant.int8 import DEFAULT_PROTECT, Int8Linear, Int8W8A8Config, SmoothQuantConfig, quantize_
-from ditq.quant.int8.calibrate import CalibrationRecorder, ModuleStats, probe_inputs, synthetic_inputs
+from ditq.formats.int8 import Int8Linear
+from ditq.quant.api import quantization_record, quantize_
+from ditq.quant.calibration import CalibrationRecorder, ModuleStats, probe_inputs, synthetic_inputs
+from ditq.quant.int8 import DEFAULT_PROTECT, Int8W8A8Config, SmoothQuantConfig
 from ditq.quant.int8.sensitivity import ProtectBudget, choose_protected, measure_fragility
 from ditq.quant.int8.smoothquant import (
     fold_into_norm,

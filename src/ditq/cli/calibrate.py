@@ -81,7 +81,7 @@ def default_captions() -> list[str]:
 def run(args) -> int:
     from ditq.cli.generate import settings_from_args, torch_dtype
     from ditq.models.loading import load_pipeline, pipeline_info
-    from ditq.quant.int8.calibrate import calibrate_pipeline
+    from ditq.quant.calibration import calibrate_pipeline
 
     captions = read_captions(args.captions) if args.captions else default_captions()
     if args.samples < 1:

@@ -44,7 +44,7 @@ def config_from_alpha(alpha: str):
 def run(args) -> int:
     from ditq.cli.generate import torch_dtype
     from ditq.models.loading import load_transformer, resolve_source
-    from ditq.quant.int8.calibrate import CalibrationStats
+    from ditq.quant.calibration import CalibrationStats
     from ditq.quant.int8.sensitivity import (
         ProtectBudget,
         choose_protected,

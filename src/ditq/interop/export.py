@@ -83,11 +83,13 @@ def export(
 ) -> Export:
     """Export both transformers of pipeline folder `model` for `target` ("sdcpp" or "comfyui") into `out_dir`.
 
-    GGUF folders are re-packed; with `recipe` (q8_0, q4_k, ...) FP8 / bf16 folders are encoded straight into the
-    output files. INT8 folders become ComfyUI comfy_quant files. `prefix` defaults to none for GGUF and for
-    stable-diffusion.cpp, and to `model.diffusion_model.` for ComfyUI INT8; `config` is passed to the checker
-    (default: each component's own config.json). `quantize_all` encodes (with `recipe`) and accepts quantized
-    tensors outside stable-diffusion.cpp's Ideogram 4 rule; a copied GGUF made that way says so in its recipe.
+    GGUF components are re-packed; with `recipe` (q8_0, q4_k, ...) FP8 / bf16 folders are encoded straight into
+    the output files. INT8 components become ComfyUI comfy_quant files. A per-branch mix (`int8+q4_k`) exports each
+    transformer in its own format (both tools take the unconditional file separately). `prefix` defaults to none
+    for GGUF and for stable-diffusion.cpp, and to `model.diffusion_model.` for ComfyUI INT8; `config` is passed to
+    the checker (default: each component's own config.json). `quantize_all` encodes (with `recipe`) and accepts
+    quantized tensors outside stable-diffusion.cpp's Ideogram 4 rule; a copied GGUF made that way says so in its
+    recipe.
     """
     from ditq.models.loading import check_folder, resolve_source
 
@@ -98,47 +100,51 @@ def export(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     formats = {comp: _component_format(folder / comp) for comp in TRANSFORMERS}
-    if len(set(formats.values())) != 1:
-        raise ConfigError(f"{folder}: the transformers are in different formats {formats}; export one format")
-    fmt = formats["transformer"]
-    if recipe is not None and fmt in ("int8", "gguf"):
-        raise ConfigError(f"{folder} is already {fmt}; --recipe encodes GGUF from an FP8 or bf16 folder")
+    if recipe is not None and any(f in ("int8", "gguf") for f in formats.values()):
+        raise ConfigError(f"{folder} is already quantized; --recipe encodes GGUF from an FP8 or bf16 folder")
     result = Export(target)
-    if fmt == "gguf" or recipe is not None:
-        if target == "sdcpp" and prefix:
-            raise ConfigError(
-                "stable-diffusion.cpp reads bare names; --prefix applies to ComfyUI targets only"
-            )
-        made = _gguf_recipe(folder / "transformer") if recipe is None else {}
-        base = name or f"ideogram4-{recipe or made.get('name', 'gguf')}"
-        quantize_all = quantize_all or bool(made.get("quantize_all"))
-        for comp in TRANSFORMERS:
-            dst = out_dir / f"{base}{SUFFIX[comp]}.gguf"
-            if recipe is None:
-                copy_gguf(next((folder / comp).glob("*.gguf")), dst, prefix or "")
-            else:
-                encode_gguf(folder / comp, dst, recipe, prefix or "", quantize_all)
-            result.files[comp] = dst
+    for comp, fmt in formats.items():
+        if fmt == "gguf" or recipe is not None:
+            dst = _export_gguf(folder / comp, out_dir, comp, target, name, prefix, recipe, quantize_all)
             if check:
                 loaders = ("sdcpp", "comfyui") if not prefix else ("comfyui",)
-                result.violations += check_gguf(dst, loaders, config or folder / comp, quantize_all)
-    elif fmt == "int8":
-        if prefix is None:
-            prefix = COMFY_PREFIX if target == "comfyui" else ""
-        base = name or "ideogram4_int8"
-        for comp in TRANSFORMERS:
-            dst = out_dir / f"{base}{SUFFIX[comp]}.safetensors"
-            copy_int8(folder / comp, dst, prefix)
-            result.files[comp] = dst
+                made_all = quantize_all or _gguf_quantize_all(folder / comp, recipe)
+                result.violations += check_gguf(dst, loaders, config or folder / comp, made_all)
+        elif fmt == "int8":
+            comp_prefix = prefix if prefix is not None else COMFY_PREFIX if target == "comfyui" else ""
+            dst = out_dir / f"{name or 'ideogram4_int8'}{SUFFIX[comp]}.safetensors"
+            copy_int8(folder / comp, dst, comp_prefix)
             if check:
                 result.violations += check_int8(dst, ("comfyui", "sdcpp"), config or folder / comp)
-    else:
-        raise ConfigError(
-            f"{folder}: the transformers are {fmt}; export needs a GGUF or INT8 folder, or --recipe to encode GGUF"
-        )
+        else:
+            raise ConfigError(
+                f"{folder}: {comp} is {fmt}; export needs a GGUF or INT8 folder, or --recipe to encode GGUF"
+            )
+        result.files[comp] = dst
     for v in result.violations:
         log.warning("%s", v)
     return result
+
+
+def _export_gguf(component, out_dir, comp, target, name, prefix, recipe, quantize_all) -> Path:
+    if target == "sdcpp" and prefix:
+        raise ConfigError("stable-diffusion.cpp reads bare names; --prefix applies to ComfyUI targets only")
+    made = _gguf_recipe(component) if recipe is None else {}
+    base = name or f"ideogram4-{recipe or made.get('name', 'gguf')}"
+    dst = out_dir / f"{base}{SUFFIX[comp]}.gguf"
+    if recipe is None:
+        copy_gguf(next(component.glob("*.gguf")), dst, prefix or "")
+    else:
+        encode_gguf(component, dst, recipe, prefix or "", quantize_all)
+    return dst
+
+
+def _gguf_quantize_all(component: Path, recipe: str | None) -> bool:
+    """Whether a ditq GGUF file was made with every 2-D weight quantized (outside sd.cpp's rule)."""
+    if recipe is not None:
+        return False
+    made = _gguf_recipe(component)
+    return bool(made.get("quantize_all")) or made.get("tensors") == "all"
 
 
 def _gguf_recipe(component: Path) -> dict:

@@ -70,7 +70,7 @@ def _gguf(model, recipe: GGUFRecipe, filter_fn, *, stats=None, transformer=None)
             continue
         imatrix = None
         if stats is not None and recipe.uses_stats and qtype != Q.Q8_0:
-            from ditq.quant.int8.calibrate import importance
+            from ditq.quant.calibration import importance
 
             imatrix = importance(stats, transformer or stats.transformers[0], name)
         raw = torch.from_numpy(quantize(w.cpu().numpy(), qtype, imatrix))

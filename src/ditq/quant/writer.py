@@ -148,19 +148,9 @@ def quantize_pipeline(
             progress=progress,
         )
         summaries[comp] = _convert_component(src / comp, tmp / comp, p, ctx)
-    record = VariantRecord(
-        variant=p.variant,
-        formats={c: r.format for c, r in p.recipes.items()},
-        recipes={c: r.to_dict() for c, r in p.recipes.items()},
-        source=str(source),
-        source_folder=str(src),
-        key=p.key,
-        stats_sha256=p.stats_sha256,
-        # paths in the summaries point into the staging folder: record where they will live
-        summary=json.loads(json.dumps(summaries, default=str).replace(str(tmp), str(out))),
-        ditq_version=__version__,
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
+    # paths in the summaries point into the staging folder: record where they will live
+    summaries = json.loads(json.dumps(summaries, default=str).replace(str(tmp), str(out)))
+    record = _record(p, str(source), src, summaries)
     for comp in TRANSFORMERS:
         (tmp / comp / DONE_MARKER).unlink()
     (tmp / ".ditq-key").unlink(missing_ok=True)
@@ -169,6 +159,21 @@ def quantize_pipeline(
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def _record(p: Plan, source: str, src: Path, summaries: dict) -> VariantRecord:
+    return VariantRecord(
+        variant=p.variant,
+        formats={c: r.format for c, r in p.recipes.items()},
+        recipes={c: r.to_dict() for c, r in p.recipes.items()},
+        source=source,
+        source_folder=str(src),
+        key=p.key,
+        stats_sha256=p.stats_sha256,
+        summary=summaries,
+        ditq_version=__version__,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
 
 
 def _refuse_quantized_source(src: Path) -> None:
@@ -184,7 +189,7 @@ def _load_stats(stats):
     """(CalibrationStats or None, its file path or None)."""
     if stats is None:
         return None, None
-    from ditq.quant.int8.calibrate import CalibrationStats
+    from ditq.quant.calibration import CalibrationStats
 
     if isinstance(stats, CalibrationStats):
         return stats, None

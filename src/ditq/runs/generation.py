@@ -185,12 +185,7 @@ def run_generation(
 
     `stop_after` stops after that many new images (used to test interruption and resume).
     """
-    import json
-
     from tqdm import tqdm
-
-    from ditq.models.loading import load_pipeline
-    from ditq.models.sampling import generate
 
     run_dir = Path(run_dir)
     rank, world, local_rank = distributed_env()
@@ -204,100 +199,119 @@ def run_generation(
     done = finished(run_dir)
     todo = [j for j in mine if j.key not in done]
     manifest = run_dir / ("manifest.jsonl" if world == 1 else f"manifest.rank{rank}.jsonl")
-    generated = 0
-    bar = tqdm(
-        total=len(todo),
-        desc=f"run (rank {rank}/{world})" if world > 1 else "run",
-        unit="img",
-        disable=not progress,
-    )
+    desc = f"run (rank {rank}/{world})" if world > 1 else "run"
+    budget = _Budget(stop_after)
     variant_info: dict[str, dict] = {}
-    try:
+    with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress) as bar:
         for variant, model in spec.variants.items():
             jobs = [j for j in todo if j.variant == variant]
             if not jobs and rank != 0:
                 continue
-            pipe = load_pipeline(model, device=device, dtype=dtype)
-            variant_info[variant] = _variant_record(variant, model, pipe)
-            settings = _settings_for(pipe, spec.settings)
-            for job in jobs:
-                if stop_after is not None and generated >= stop_after:
-                    raise _Stop
-                noise = initial_noise(pipe, job.seed, settings)
-                if device.startswith("cuda"):
-                    torch.cuda.reset_peak_memory_stats(device)
-                t0 = time.perf_counter()
-                image = generate(pipe, job.text, job.seed, settings, latents=noise)
-                wall = time.perf_counter() - t0
-                peak = (
-                    torch.cuda.max_memory_allocated(device)
-                    if device.startswith("cuda")
-                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-                )
-                out = run_dir / job.path
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_name(out.name + ".partial")
-                image.save(
-                    tmp,
-                    format="PNG",
-                    pnginfo=png_metadata(
-                        prompt=job.text,
-                        prompt_id=job.prompt_id,
-                        seed=job.seed,
-                        variant=variant,
-                        model=model,
-                        caption_mode=job.caption_mode,
-                        settings=settings.to_dict(),
-                    ),
-                )
-                os.replace(tmp, out)
-                append_jsonl(
-                    manifest,
-                    {
-                        "variant": variant,
-                        "prompt_id": job.prompt_id,
-                        "seed": job.seed,
-                        "caption_mode": job.caption_mode,
-                        "category": job.category,
-                        "path": job.path,
-                        "sha256": _sha256(out),
-                        "noise_sha256": hashlib.sha256(noise.numpy().tobytes()).hexdigest(),
-                        "wall_s": round(wall, 4),
-                        "peak_mem_bytes": int(peak),
-                        "peak_mem_kind": "cuda_allocated" if device.startswith("cuda") else "process_rss",
-                        "device": str(device),
-                    },
-                )
-                generated += 1
-                bar.update()
-            del pipe
-            gc.collect()
-    except _Stop:
-        pass
-    finally:
-        bar.close()
-    if stop_after is not None and generated >= stop_after:
-        return {
-            "generated": generated,
-            "skipped": len(mine) - len(todo),
-            "total": len(all_jobs),
-            "stopped": True,
-        }
+            if budget.exhausted:
+                break
+            variant_info[variant] = _run_variant(
+                run_dir, spec, variant, model, jobs, device, dtype, manifest, budget, bar
+            )
+    result = {"generated": budget.used, "skipped": len(mine) - len(todo), "total": len(all_jobs)}
+    if budget.exhausted:
+        return {**result, "stopped": True}
     _barrier(world)
     if rank == 0:
-        record = json.loads((run_dir / RUN_FILE).read_text())
-        for name, info in variant_info.items():
-            record["variants"][name] = {**record["variants"].get(name, {}), **info}
-        record["device"] = str(device)
-        record["dtype"] = str(dtype).replace("torch.", "")
-        write_json_atomic(run_dir / RUN_FILE, record)
-        merge_manifests(run_dir, [j.key for j in all_jobs])
+        _finish_run(run_dir, variant_info, device, dtype, all_jobs)
     _barrier(world)
-    return {"generated": generated, "skipped": len(mine) - len(todo), "total": len(all_jobs)}
+    return result
 
 
-class _Stop(Exception):
-    pass
+class _Budget:
+    """How many more images this call may generate (`stop_after`), and how many it did."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit, self.used = limit, 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.limit is not None and self.used >= self.limit
+
+
+def _run_variant(run_dir, spec, variant, model, jobs, device, dtype, manifest, budget, bar) -> dict:
+    """Load one variant, generate its pending images, and return its run.json record."""
+    from ditq.models.loading import load_pipeline
+
+    pipe = load_pipeline(model, device=device, dtype=dtype)
+    info = _variant_record(variant, model, pipe)
+    settings = _settings_for(pipe, spec.settings)
+    for job in jobs:
+        if budget.exhausted:
+            break
+        append_jsonl(manifest, _generate_job(pipe, job, model, settings, run_dir, device))
+        budget.used += 1
+        bar.update()
+    del pipe
+    gc.collect()
+    return info
+
+
+def _generate_job(pipe, job: Job, model: str, settings: SamplingSettings, run_dir: Path, device: str) -> dict:
+    """One image of the run: generated from its paired noise, written atomically; returns its manifest record."""
+    from ditq.models.sampling import generate
+
+    noise = initial_noise(pipe, job.seed, settings)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    image = generate(pipe, job.text, job.seed, settings, latents=noise)
+    wall = time.perf_counter() - t0
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = run_dir / job.path
+    _save_png(image, out, job, model, settings)
+    return {
+        "variant": job.variant,
+        "prompt_id": job.prompt_id,
+        "seed": job.seed,
+        "caption_mode": job.caption_mode,
+        "category": job.category,
+        "path": job.path,
+        "sha256": _sha256(out),
+        "noise_sha256": hashlib.sha256(noise.numpy().tobytes()).hexdigest(),
+        "wall_s": round(wall, 4),
+        "peak_mem_bytes": int(peak),
+        "peak_mem_kind": "cuda_allocated" if cuda else "process_rss",
+        "device": str(device),
+    }
+
+
+def _save_png(image, out: Path, job: Job, model: str, settings: SamplingSettings) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    meta = png_metadata(
+        prompt=job.text,
+        prompt_id=job.prompt_id,
+        seed=job.seed,
+        variant=job.variant,
+        model=model,
+        caption_mode=job.caption_mode,
+        settings=settings.to_dict(),
+    )
+    image.save(tmp, format="PNG", pnginfo=meta)
+    os.replace(tmp, out)
+
+
+def _finish_run(
+    run_dir: Path, variant_info: dict, device: str, dtype: torch.dtype, all_jobs: list[Job]
+) -> None:
+    import json
+
+    record = json.loads((run_dir / RUN_FILE).read_text())
+    for name, info in variant_info.items():
+        record["variants"][name] = {**record["variants"].get(name, {}), **info}
+    record["device"] = str(device)
+    record["dtype"] = str(dtype).replace("torch.", "")
+    write_json_atomic(run_dir / RUN_FILE, record)
+    merge_manifests(run_dir, [j.key for j in all_jobs])
 
 
 def _settings_for(pipe, settings: SamplingSettings) -> SamplingSettings:

@@ -1,18 +1,15 @@
 """INT8 W8A8 quantization with SmoothQuant for the Ideogram 4 transformers.
 
-- `config`: `Int8W8A8Config`, `SmoothQuantConfig` (applied with `ditq.quant.api.quantize_`).
-- `calibrate`: per-timestep-bucket activation statistics of both transformers (`ditq calibrate`), `importance`.
-- `smoothquant`: smoothing groups, α search, exact folding.
+- `config`: `Int8W8A8Config`, `SmoothQuantConfig` (applied with `ditq.quant.api.quantize_`), the per-group
+  smoothing decisions and the protected set.
+- `smoothquant`: smoothing groups, alpha search, exact folding.
 - `sensitivity`: per-layer fragility (`ditq sensitivity`) and protect budgets.
 - `convert`: streaming conversion of one transformer checkpoint (the INT8 recipe's writer).
+The layer itself is `ditq.formats.int8.Int8Linear`; the statistics are `ditq.quant.calibration`'s.
 """
 
 from __future__ import annotations
 
-from ditq.formats.int8 import Int8Linear
-from ditq.formats.int8_ops import quantize_per_token, quantize_weight_per_channel
-from ditq.quant.api import quantize_
-from ditq.quant.int8.calibrate import CalibrationRecorder, CalibrationStats, calibrate_pipeline, importance
 from ditq.quant.int8.config import DEFAULT_PROTECT, Int8W8A8Config, SmoothQuantConfig
 from ditq.quant.int8.convert import ConvertReport, convert_transformer_int8
 from ditq.quant.int8.sensitivity import (
@@ -27,22 +24,14 @@ from ditq.quant.int8.sensitivity import (
 
 __all__ = [
     "DEFAULT_PROTECT",
-    "CalibrationRecorder",
-    "CalibrationStats",
     "ConvertReport",
     "FragilityRow",
-    "Int8Linear",
     "Int8W8A8Config",
     "ProtectBudget",
     "SmoothQuantConfig",
-    "calibrate_pipeline",
     "choose_protected",
     "convert_transformer_int8",
-    "importance",
     "measure_fragility",
-    "quantize_",
-    "quantize_per_token",
-    "quantize_weight_per_channel",
     "rank",
     "read_csv",
     "write_csv",

@@ -29,7 +29,7 @@ from ditq.errors import ConfigError
 from ditq.formats.int8 import KERNELS, Int8Linear
 from ditq.formats.keys import fused_module_name
 from ditq.quant.api import QuantizationRecord, register_quantize_handler
-from ditq.quant.int8.calibrate import DEFAULT_BUCKETS, CalibrationRecorder, CalibrationStats
+from ditq.quant.calibration import DEFAULT_BUCKETS, CalibrationRecorder, CalibrationStats
 from ditq.quant.int8.smoothquant import SEARCH_ROWS, AlphaChoice, SmoothGroup, fold_into_norm, search_alpha
 from ditq.quant.modules import float_linear, float_weight, linear_modules, model_dtype, set_module
 

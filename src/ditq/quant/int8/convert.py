@@ -24,17 +24,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ditq.errors import CheckpointError, ConfigError
 from ditq.formats.fp8 import SCALE_ALIASES
 from ditq.formats.int8 import QUANT_METADATA_KEY, marker_tensor, quantization_metadata
 from ditq.formats.int8_ops import quantize_weight_per_channel
-from ditq.formats.keys import detect_layout, fused_module_name, split_to_fused, strip_prefix
-from ditq.io.safetensors_io import StreamingSafetensorsWriter, TensorInfo, TensorSource
+from ditq.formats.keys import fused_module_name
+from ditq.io.safetensors_io import StreamingSafetensorsWriter
 from ditq.models.weights import group_by_module
-from ditq.quant.int8.calibrate import CalibrationStats, fingerprint
+from ditq.quant.calibration import CalibrationStats, fingerprint
 from ditq.quant.int8.config import (
     GroupDecision,
     Int8W8A8Config,
@@ -45,6 +44,7 @@ from ditq.quant.int8.config import (
     too_narrow,
 )
 from ditq.quant.int8.smoothquant import _blocks, fold_into_norm, smooth_groups
+from ditq.quant.recipes.source import FusedReader, StoredRows
 
 log = logging.getLogger(__name__)
 
@@ -66,81 +66,12 @@ class ConvertReport:
     recipe: dict = field(repr=False, default_factory=dict)
 
 
-class _Reader:
-    """Fused-name view of a component's tensors, read with plain file reads (split q/k/v are concatenated)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.src = TensorSource(folder)
-        self.folder = folder
-        names = {strip_prefix(k): k for k in self.src.keys()}
-        if detect_layout(names) == "split":
-            self.keys = split_to_fused(names, row_joiner=lambda suffix, parts: tuple(parts))
-        else:
-            self.keys = names
-        self._files: dict[Path, object] = {}
-
-    def infos(self, name: str) -> list[TensorInfo]:
-        key = self.keys[name]
-        return [self.src.info(k) for k in (key if isinstance(key, tuple) else (key,))]
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.infos(name)[0].dtype
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        infos = self.infos(name)
-        return (sum(i.shape[0] for i in infos), *infos[0].shape[1:]) if infos[0].shape else infos[0].shape
-
-    def get(self, name: str) -> torch.Tensor:
-        parts = [self._read(i) for i in self.infos(name)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-
-    def _read(self, info: TensorInfo) -> torch.Tensor:
-        f = self._files.get(info.file)
-        if f is None:
-            f = self._files[info.file] = open(info.file, "rb")  # noqa: SIM115 - closed in close()
-        buf = np.empty(info.nbytes, dtype=np.uint8)
-        f.seek(info.begin)
-        if f.readinto(memoryview(buf)) != info.nbytes:
-            raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
-        t = torch.from_numpy(buf)
-        if info.dtype == torch.bool:
-            return t.to(torch.bool).reshape(info.shape)
-        return (
-            t.view(info.dtype).reshape(info.shape)
-            if info.nbytes
-            else torch.empty(info.shape, dtype=info.dtype)
-        )
-
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
-
-
-class _StoredRows:
-    """A stored Linear weight [N, K] (FP8 with row scales, or float) dequantized to float32 a block of rows at a
-    time: the same arithmetic as `Fp8Linear.dequantized_weight(torch.float32)`."""
-
-    def __init__(self, weight: torch.Tensor, row_scale: torch.Tensor | None) -> None:
-        self.weight, self.row_scale = weight, row_scale
-        self.shape = tuple(weight.shape)
-
-    def rows(self, index: slice | torch.Tensor) -> torch.Tensor:
-        w = self.weight[index].float()
-        return w if self.row_scale is None else w * self.row_scale[index][:, None]
-
-    def part(self, part: int, parts: int) -> _StoredRows:
-        step = self.shape[0] // parts
-        sl = slice(part * step, (part + 1) * step)
-        return _StoredRows(self.weight[sl], None if self.row_scale is None else self.row_scale[sl])
-
-
 def _linear_names(folder: Path) -> dict[str, tuple[int, int]]:
     """{split Linear name: (out, in)} of the model this component folder's config describes (built on meta)."""
     from accelerate import init_empty_weights
     from diffusers import Ideogram4Transformer2DModel
 
-    from ditq.quant.int8.calibrate import linear_shapes
+    from ditq.quant.calibration import linear_shapes
 
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: no config.json")
@@ -188,7 +119,7 @@ def _check_stats(
 class _Converter:
     def __init__(self, src: Path, config, stats, transformer: str, protect: Iterable[str]) -> None:
         self.src, self.config, self.stats, self.transformer = src, config, stats, transformer
-        self.reader = _Reader(src)
+        self.reader = FusedReader(src)
         self.linears = _linear_names(src)
         self.modules = group_by_module(list(self.reader.keys))
         base = config.base if isinstance(config, SmoothQuantConfig) else config
@@ -224,23 +155,23 @@ class _Converter:
                 )
 
     # -- reading
-    def fused_weight(self, fused: str) -> _StoredRows:
+    def fused_weight(self, fused: str) -> StoredRows:
         """The fused Linear's weight [N, K] as stored (FP8 + row scales, or float), read as float32 by rows."""
         w = self.reader.get(f"{fused}.weight")
         scale = next((s for s in SCALE_ALIASES if s in self.modules[fused]), None)
         if w.element_size() == 1 and scale is None:
             raise CheckpointError(f"{self.src}: {fused}.weight is {w.dtype} without a weight_scale")
         row_scale = None if scale is None else self.reader.get(f"{fused}.{scale}").float().reshape(-1)
-        return _StoredRows(w, row_scale)
+        return StoredRows(w, row_scale)
 
     # -- pass 1
     def decide(self, progress: bool) -> list[GroupDecision]:
         from tqdm.auto import tqdm
 
         groups = smooth_groups(self.linears)
-        cache: dict[str, _StoredRows] = {}
+        cache: dict[str, StoredRows] = {}
 
-        def weight(name: str) -> _StoredRows:
+        def weight(name: str) -> StoredRows:
             fused, part, parts = _split_part(name)
             if fused not in cache:
                 if len(cache) > 1:

@@ -27,7 +27,7 @@ from torch import nn
 from ditq.errors import ConfigError
 from ditq.formats.int8 import Int8Linear, marker_bytes
 from ditq.formats.keys import fused_module_name
-from ditq.quant.int8.calibrate import CalibrationStats, is_linear_like, probe_inputs
+from ditq.quant.calibration import CalibrationStats, is_linear_like, probe_inputs
 from ditq.quant.int8.config import (
     DEFAULT_PROTECT,
     Int8W8A8Config,

@@ -28,7 +28,7 @@ import torch
 
 from ditq.errors import CheckpointError
 from ditq.formats.int8_ops import int8_matmul, quantize_per_token, quantize_weight_per_channel
-from ditq.quant.int8.calibrate import ModuleStats
+from ditq.quant.calibration import ModuleStats
 
 S_MIN, S_MAX = 1e-5, 1e5
 CHUNK_ELEMENTS = 1 << 24  # rows are processed in blocks of ~16M elements (64 MB of float32)

@@ -21,7 +21,7 @@ from ditq.errors import ConfigError
 from ditq.registry import Registry
 
 if TYPE_CHECKING:
-    from ditq.quant.int8.calibrate import CalibrationStats
+    from ditq.quant.calibration import CalibrationStats
 
 RECIPE_KINDS: Registry[type[Recipe]] = Registry("recipe kind")
 

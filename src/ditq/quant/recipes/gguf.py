@@ -102,7 +102,7 @@ class GGUFRecipe(Recipe):
     def convert(self, src: Path, dst: Path, ctx: ConvertContext) -> dict:
         imatrix = None
         if ctx.stats is not None and self.uses_stats:
-            from ditq.quant.int8.calibrate import importance
+            from ditq.quant.calibration import importance
 
             def imatrix(module: str, _t=ctx.component):
                 return importance(ctx.stats, _t, module)

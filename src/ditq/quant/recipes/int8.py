@@ -19,7 +19,7 @@ from ditq.quant.int8.config import DEFAULT_PROTECT, Int8W8A8Config, SmoothQuantC
 from ditq.quant.recipes.base import ConvertContext, Recipe, register_name
 
 if TYPE_CHECKING:
-    from ditq.quant.int8.calibrate import CalibrationStats
+    from ditq.quant.calibration import CalibrationStats
 
 log = logging.getLogger(__name__)
 TRANSFORMERS = ("transformer", "unconditional_transformer")

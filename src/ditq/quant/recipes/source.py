@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ditq.errors import CheckpointError, ConfigError
-from ditq.formats.keys import detect_layout, fused_module_name, strip_prefix
-from ditq.io.safetensors_io import TensorSource
+from ditq.formats.keys import detect_layout, fused_module_name, split_to_fused, strip_prefix
+from ditq.io.safetensors_io import TensorInfo, TensorSource
 
 CHUNK_VALUES = 1 << 24  # float32 values decoded at a time (64 MiB)
 
@@ -85,3 +86,54 @@ def read_float(source: TensorSource, key: str) -> np.ndarray:
     parts = list(float_rows(source, key))
     shape = source.info(key).shape or (1,)
     return (parts[0] if len(parts) == 1 else np.concatenate(parts)).reshape(shape)
+
+
+class FusedReader:
+    """Fused-name view of a component's tensors, read with plain file reads (split q/k/v are concatenated)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.src = TensorSource(folder)
+        self.folder = folder
+        names = {strip_prefix(k): k for k in self.src.keys()}
+        if detect_layout(names) == "split":
+            self.keys = split_to_fused(names, row_joiner=lambda suffix, parts: tuple(parts))
+        else:
+            self.keys = names
+
+    def infos(self, name: str) -> list[TensorInfo]:
+        key = self.keys[name]
+        return [self.src.info(k) for k in (key if isinstance(key, tuple) else (key,))]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.infos(name)[0].dtype
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        infos = self.infos(name)
+        return (sum(i.shape[0] for i in infos), *infos[0].shape[1:]) if infos[0].shape else infos[0].shape
+
+    def get(self, name: str) -> torch.Tensor:
+        """The whole tensor under its fused name (split q/k/v parts concatenated), read with positioned reads."""
+        key = self.keys[name]
+        parts = [self.src.get(k) for k in (key if isinstance(key, tuple) else (key,))]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def close(self) -> None:
+        self.src.close()
+
+
+class StoredRows:
+    """A stored Linear weight [N, K] (FP8 with row scales, or float) dequantized to float32 a block of rows at a
+    time: the same arithmetic as `Fp8Linear.dequantized_weight(torch.float32)`."""
+
+    def __init__(self, weight: torch.Tensor, row_scale: torch.Tensor | None) -> None:
+        self.weight, self.row_scale = weight, row_scale
+        self.shape = tuple(weight.shape)
+
+    def rows(self, index: slice | torch.Tensor) -> torch.Tensor:
+        w = self.weight[index].float()
+        return w if self.row_scale is None else w * self.row_scale[index][:, None]
+
+    def part(self, part: int, parts: int) -> StoredRows:
+        step = self.shape[0] // parts
+        sl = slice(part * step, (part + 1) * step)
+        return StoredRows(self.weight[sl], None if self.row_scale is None else self.row_scale[sl])
