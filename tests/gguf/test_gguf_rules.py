@@ -100,8 +100,13 @@ def test_writer_records_and_follows_the_rule(tmp_path, corner):
         G.GGUFStreamWriter(tmp_path / "x.gguf", spec, {G.RULE_KEY: 3})
 
 
-def test_writer_records_no_rule_for_rule_free_types(tmp_path):
+def test_writer_records_no_rule_for_rule_free_types_or_raw_copies(tmp_path):
     path = tmp_path / "q8.gguf"
     with G.GGUFStreamWriter(path, [G.TensorSpec("w", (2, 32), "Q8_0")]) as w:
         w.write_tensor("w", np.ones((2, 32), np.float32))
     assert G.RULE_KEY not in gguf.GGUFReader(path).fields
+    copy = tmp_path / "copy.gguf"
+    data = G.quantize(np.ones((2, 256), np.float32), "Q4_K")
+    with G.GGUFStreamWriter(copy, [G.TensorSpec("w", (2, 256), "Q4_K")], record_rule=False) as w:
+        w.write_raw("w", data)
+    assert G.RULE_KEY not in gguf.GGUFReader(copy).fields

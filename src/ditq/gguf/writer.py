@@ -81,7 +81,9 @@ class GGUFStreamWriter:
     """Writes one GGUF file (version 3). States: open -> closed (renamed into place) or aborted (removed).
 
     rule: the make_qkx3_quants rule `write_tensor` encodes with; by default the one the metadata's
-    `ditq.kquant_rule` names, else `DEFAULT_RULE`.
+    `ditq.kquant_rule` names, else `DEFAULT_RULE`. It is recorded as `ditq.kquant_rule` when a Q2_K, Q4_K or Q5_K
+    tensor is declared, unless record_rule is False (a copy of another tool's bytes through `write_raw`, which no
+    rule of ditq's produced).
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class GGUFStreamWriter:
         metadata: Mapping[str, Any] | None = None,
         *,
         rule: str | None = None,
+        record_rule: bool = True,
     ) -> None:
         self.path = Path(path)
         self.specs: dict[str, TensorSpec] = {}
@@ -105,7 +108,7 @@ class GGUFStreamWriter:
         if rule is not None and recorded is not None and resolve_rule(rule) != recorded:
             raise ConfigError(f"rule {rule!r} contradicts metadata {RULE_KEY!r} = {recorded!r}")
         self.rule = resolve_rule(rule or recorded or DEFAULT_RULE)
-        if recorded is None and any(spec.qtype in RULE_TYPES for spec in self.specs.values()):
+        if record_rule and recorded is None and any(spec.qtype in RULE_TYPES for spec in self.specs.values()):
             metadata[RULE_KEY] = self.rule
         self.alignment = int(metadata.get(fmt.ALIGNMENT_KEY, fmt.DEFAULT_ALIGNMENT))
         if self.alignment < 1 or self.alignment & (self.alignment - 1):

