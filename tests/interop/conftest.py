@@ -49,7 +49,7 @@ def float_states(tiny_fp8_dir) -> dict[str, dict[str, torch.Tensor]]:
 @pytest.fixture(scope="session")
 def transformer_inputs(tiny_pipe):
     """Random transformer arguments for the conditional (text + image) and unconditional (image) branches."""
-    from ditq.quant.int8.calibrate import synthetic_inputs
+    from ditq.quant.calibration import synthetic_inputs
 
     cfg = tiny_pipe.transformer.config
     return {

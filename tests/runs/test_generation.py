@@ -21,11 +21,9 @@ SETTINGS = SamplingSettings(
 
 @pytest.fixture(scope="module")
 def nf4_dir(tiny_fp8_dir, tmp_path_factory):
-    from ditq.quant.recipes import quantize_pipeline
+    from ditq.quant.writer import quantize_pipeline
 
-    return quantize_pipeline(
-        str(tiny_fp8_dir), tmp_path_factory.mktemp("v") / "nf4", "nf4", {"progress": False}
-    )
+    return quantize_pipeline(str(tiny_fp8_dir), "nf4", tmp_path_factory.mktemp("v") / "nf4", progress=False)
 
 
 def _spec(variants, **kw):
