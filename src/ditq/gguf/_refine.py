@@ -25,7 +25,7 @@ CH = 16  # lanes refined together; a chunk stops after a pass that changed none 
 _ZERO = f32(0.0)
 
 
-@numba.njit(inline="always", **JIT)
+@numba.njit(**JIT)
 def _step(x, L, st, i, lo, hi):
     """Element i of every lane of a chunk: move it to the level that best improves the lane's fit, if any does.
     Views starting at the chunk's first lane: x[i*T + u] the values, x[S*T + ...] their squares w and
