@@ -70,9 +70,11 @@ class Fp8Linear(QuantizedLinear):
         self.compute = compute
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        dtype = dtype or self.compute_dtype
+        """`weight.float() * weight_scale[:, None]`, then cast: the arithmetic of diffusers' own FP8 row-scale
+        layer (`BFLFP8RLinear`), so the reference computes what the official pipeline does (a product in bf16
+        would round every row's scale to 8 bits)."""
         w, scale = self.stored("weight"), self.stored("weight_scale")
-        return (w.to(dtype) * scale.to(dtype)[:, None]).to(dtype)
+        return dequantize_fp8_rowwise(w, scale).to(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.compute == "scaled_mm":
