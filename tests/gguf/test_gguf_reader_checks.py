@@ -18,7 +18,8 @@ from ditq.errors import CheckpointError
 
 Q = GGMLQuantizationType
 LEGACY = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
-SUPPORTED = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K"
+IQ4 = [Q.IQ4_NL, Q.IQ4_XS]  # no encoder here: random blocks with a finite scale
+SUPPORTED = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS"
 
 
 def _weights(rows: int = 64, cols: int = 1024, seed: int = 0) -> np.ndarray:
@@ -27,7 +28,17 @@ def _weights(rows: int = 64, cols: int = 1024, seed: int = 0) -> np.ndarray:
 
 
 def _encode(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """uint8 (rows, row_bytes): ditq's encoders, gguf-py's for the legacy types."""
+    """uint8 (rows, row_bytes): ditq's encoders, gguf-py's for the legacy types, random blocks with a finite
+    half-precision scale d (the first field of both) for IQ4_NL / IQ4_XS."""
+    if qtype in IQ4:
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        rng = np.random.default_rng(int(x.size))
+        data = rng.integers(0, 256, (x.shape[0], x.shape[1] // block * type_size), dtype=np.uint8)
+        blocks = data.reshape(-1, type_size)
+        blocks[:, :2] = (
+            (0.01 * rng.standard_normal(blocks.shape[0])).astype("<f2").view(np.uint8).reshape(-1, 2)
+        )
+        return data
     if qtype in LEGACY:
         return np.ascontiguousarray(gguf.quants.quantize(x, qtype)).view(np.uint8).reshape(x.shape[0], -1)
     return G.quantize(x, qtype.name)
@@ -79,7 +90,7 @@ def _write(tmp_path: Path, blob: bytes, name: str = "bad.gguf") -> Path:
 # ---- types -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("qtype", [Q.IQ2_XS, Q.TQ2_0, Q.IQ4_NL, Q.MXFP4])
+@pytest.mark.parametrize("qtype", [Q.IQ2_XS, Q.TQ2_0, Q.IQ3_S, Q.MXFP4])
 def test_unsupported_type_is_refused_at_open_naming_tensor_and_types(tmp_path, qtype):
     block, type_size = GGML_QUANT_SIZES[qtype]
     data = np.random.default_rng(0).integers(0, 256, (4, 1024 // block * type_size), dtype=np.uint8)
@@ -97,8 +108,8 @@ def test_loadable_types_are_the_documented_ones():
     assert ", ".join(q.name for q in G.LOADABLE_TYPES) == SUPPORTED
 
 
-@pytest.mark.parametrize("qtype", LEGACY)
-def test_legacy_types_decode_bit_exactly_in_the_loader_and_the_reader(tmp_path, qtype):
+@pytest.mark.parametrize("qtype", LEGACY + IQ4)
+def test_legacy_and_iq4_types_decode_bit_exactly_in_the_loader_and_the_reader(tmp_path, qtype):
     # the reason they are loadable: diffusers' torch decoder (the loader's path) and GGUFFile.dequantize give
     # gguf-py's values exactly, which are ggml's
     from diffusers.quantizers.gguf.utils import dequantize_functions
@@ -184,7 +195,7 @@ def test_q4_k_relabelled_q4_0_is_caught_by_the_scale_check(two_tensors, tmp_path
 @pytest.mark.parametrize(
     ("qtype", "field", "offset"),
     [(Q.Q8_0, "d", 0), (Q.Q4_1, "m", 2), (Q.Q2_K, "dmin", 82), (Q.Q3_K, "d", 108), (Q.Q4_K, "dmin", 2)]
-    + [(Q.Q5_K, "d", 0), (Q.Q6_K, "d", 208), (Q.Q5_0, "d", 0)],
+    + [(Q.Q5_K, "d", 0), (Q.Q6_K, "d", 208), (Q.Q5_0, "d", 0), (Q.IQ4_XS, "d", 0), (Q.IQ4_NL, "d", 0)],
 )
 @pytest.mark.parametrize("bad_half", [0x7E00, 0x7C00, 0xFC00])  # NaN, +Inf, -Inf
 def test_non_finite_block_scale_is_found(tmp_path, qtype, field, offset, bad_half):

@@ -2,8 +2,9 @@
 
 LOADABLE_TYPES are the ggml types whose decoding ditq's loader (diffusers' torch decoders, in float32) and
 `GGUFFile.dequantize` (ditq's codecs, else gguf-py) do bit for bit as ggml does: the float types, Q8_0, the legacy
-Q4_0 / Q4_1 / Q5_0 / Q5_1 that stable-diffusion.cpp writes, and Q2_K .. Q6_K. Other types (IQ*, TQ*, MXFP4, ...)
-are refused when a file is opened, not at the first forward.
+Q4_0 / Q4_1 / Q5_0 / Q5_1 that stable-diffusion.cpp writes, Q2_K .. Q6_K, and IQ4_NL / IQ4_XS (both decoders have
+them; the tests check each against gguf-py). Other types (IQ1-IQ3, TQ1_0 / TQ2_0, MXFP4, ...) have no torch
+decoder in diffusers and are refused when a file is opened, not at the first forward.
 
 `check_block_scales` reads only the half-precision scale fields of each block (d, and dmin or m where the type has
 one) and refuses a tensor where any is NaN or Inf: such a block decodes to NaN, and so does the image. Bytes of
@@ -32,6 +33,8 @@ LOADABLE_TYPES: tuple[GGMLQuantizationType, ...] = (
     Q.Q4_K,
     Q.Q5_K,
     Q.Q6_K,
+    Q.IQ4_NL,
+    Q.IQ4_XS,
 )
 
 # Byte offsets of the f16 scale fields inside one block (ggml-common.h's block structs).
@@ -46,6 +49,8 @@ SCALE_FIELDS: dict[GGMLQuantizationType, tuple[tuple[str, int], ...]] = {
     Q.Q4_K: (("d", 0), ("dmin", 2)),  # d | dmin | scales[12] | qs[128]
     Q.Q5_K: (("d", 0), ("dmin", 2)),  # d | dmin | scales[12] | qh[32] | qs[128]
     Q.Q6_K: (("d", 208),),  # ql[128] | qh[64] | scales[16] | d
+    Q.IQ4_NL: (("d", 0),),  # d | qs[16]
+    Q.IQ4_XS: (("d", 0),),  # d | scales_h:u16 | scales_l[4] | qs[128]
 }
 # Bits of a non-finite value (exponent all ones) for the float types, as (item dtype, exponent mask).
 _FLOAT_MASKS = {Q.F32: ("<u4", 0x7F800000), Q.F16: ("<u2", 0x7C00), Q.BF16: ("<u2", 0x7F80)}
