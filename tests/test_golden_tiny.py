@@ -103,7 +103,7 @@ def compute(root: Path) -> dict:
     torch.set_num_threads(1)
 
     def cli(*argv: str) -> None:
-        code = main(list(argv))
+        code = main([*argv, "--threads", "1"])
         assert code == 0, argv
 
     source = ensure_tiny_folder()

@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ditq"
 # bottom to top; a package may import from its own and from lower ranks only
 LAYERS = [
     {"errors", "_version"},
-    {"registry"},
+    {"registry", "host"},
     {"io", "gguf"},
     {"formats"},
     {"models"},

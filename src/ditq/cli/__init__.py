@@ -46,8 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.add_parser(subparsers)
+        if name in COMPUTE_VERBS:
+            subparsers.choices[name].add_argument(
+                "--threads",
+                type=int,
+                help="CPU threads for torch and ditq's kernels (default: the physical cores; 1 per rank under torchrun)",
+            )
     return parser
 
+
+# Verbs that compute on the CPU: they take --threads and set the thread count before starting.
+COMPUTE_VERBS = ("generate", "calibrate", "sensitivity", "quantize", "convert", "run", "eval", "bench")
 
 # Third-party loggers that report optional CUDA kernels missing on CPU machines at import time.
 _QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "bitsandbytes", "diffusers", "transformers")
@@ -77,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.verb in COMPUTE_VERBS:
+            from ditq.host import set_threads
+
+            args.threads = set_threads(args.threads)
         return int(args.func(args) or 0)
     except DitqError as exc:
         print(f"ditq {args.verb}: error: {exc}", file=sys.stderr)

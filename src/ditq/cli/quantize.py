@@ -38,7 +38,6 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--fragility", type=Path, help="int8: fragility table (ditq sensitivity) ranking the layers"
     )
-    p.add_argument("--threads", type=int, help="encoder threads (GGUF)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=run)
 

@@ -155,6 +155,16 @@ class GGUFBlockFormat(LinearFormat):
         return super().join_rows(suffix, tensors)
 
 
+def _foreign_suffixes() -> tuple[str, ...]:
+    """Tensor suffixes of the other formats (FP8 scales, ComfyUI markers, bitsandbytes states)."""
+    from ditq.formats import LINEAR_FORMATS, load_all_formats
+
+    load_all_formats()
+    return tuple(
+        sfx for name in LINEAR_FORMATS if name != "gguf" for sfx in LINEAR_FORMATS.get(name).extra_suffixes
+    )
+
+
 class GGUFSource:
     """A GGUF file seen as named tensors for `ditq.models.weights.load_into`."""
 
@@ -165,7 +175,14 @@ class GGUFSource:
         self.file = GGUFFile(self.path)
         self.metadata = dict(self.file.metadata)
         self._names: dict[str, tuple[str, str]] = {}
+        foreign = _foreign_suffixes()
         for name, info in self.file.tensors.items():
+            suffix = next((sfx for sfx in foreign if name.endswith("." + sfx)), None)
+            if suffix is not None:
+                raise CheckpointError(
+                    f"{self.path}: tensor {name!r} carries another format's suffix {suffix!r}; a GGUF transformer "
+                    "holds ggml blocks and float tensors only"
+                )
             if info.qtype in _FLOAT_TYPES:
                 self._names[name] = (name, "float")
             elif info.qtype in GGML_QUANT_SIZES and len(info.shape) == 2:
@@ -190,7 +207,11 @@ class GGUFSource:
         if kind == "qtype":
             return torch.tensor(int(info.qtype), dtype=torch.int32)
         if kind == "raw":
-            return torch.from_numpy(np.array(self.file.raw(stored)))
+            from ditq.gguf import check_block_scales
+
+            raw = np.array(self.file.raw(stored))
+            check_block_scales(raw, info.qtype, f"{self.path}: tensor {stored!r}", info.shape[-1])
+            return torch.from_numpy(raw)
         data = np.array(self.file.raw(stored)).reshape(-1)
         dtype = _FLOAT_TYPES[info.qtype]
         return torch.from_numpy(data).view(dtype).reshape(info.shape)

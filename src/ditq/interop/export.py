@@ -177,7 +177,8 @@ def copy_gguf(src: Path, dst: Path, prefix: str = "") -> Path:
         renamed = {n: prefix + strip_prefix(n) for n in names}
         specs = [TensorSpec(renamed[n], f.tensors[n].shape, f.tensors[n].qtype) for n in names]
         metadata = {k: _metadata_value(v, f.metadata_types[k]) for k, v in f.metadata.items()}
-        with GGUFStreamWriter(dst, specs, metadata) as w:
+        # a copy of bytes made elsewhere: no ditq rule produced them, so none is recorded
+        with GGUFStreamWriter(dst, specs, metadata, record_rule=False) as w:
             for n in names:
                 w.write_raw(renamed[n], np.ascontiguousarray(f.raw(n)).reshape(-1))
     return dst

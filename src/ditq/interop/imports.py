@@ -112,9 +112,9 @@ def _place_safetensors(src: Path, dst: Path) -> tuple[str, ...]:
 
 
 def _check_gguf_types(ckpt: Checkpoint) -> None:
-    from diffusers.quantizers.gguf.utils import dequantize_functions
+    from ditq.gguf import LOADABLE_TYPES
 
-    decodable = {q.name for q in dequantize_functions} | {"F32", "F16", "BF16"}
+    decodable = {q.name for q in LOADABLE_TYPES}
     for name, meta in ckpt.tensors.items():
         if meta.dtype not in decodable:
             raise CheckpointError(

@@ -105,29 +105,77 @@ def initial_noise(pipe, seed: int, settings: SamplingSettings) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(pipe, prompt: str, seed: int, settings: SamplingSettings, latents: torch.Tensor | None = None):
-    """One image (PIL) for `prompt` and `seed`; identical pixels for identical inputs on the same machine."""
+def generate(
+    pipe,
+    prompt: str,
+    seed: int,
+    settings: SamplingSettings,
+    latents: torch.Tensor | None = None,
+    cond=None,
+    timer=None,
+    on_step=None,
+):
+    """One image (PIL) for `prompt` and `seed`; identical pixels for identical inputs on the same machine.
+
+    The stages are `ditq.models.denoise`'s (the pipeline's own arithmetic): `cond` skips the text encoder with a
+    conditioning encoded earlier; `timer` (a `StepTimer`) records each denoising step; `on_step(i, latents)` is
+    called after each step.
+    """
+    from ditq.models.denoise import decode, denoise, encode
+
     check_size(pipe, settings)
-    device = pipe._execution_device
+    _check_prompt(pipe, prompt, settings)
     if latents is None:
         latents = initial_noise(pipe, seed, settings)
+    device = pipe._execution_device
+    if cond is None:
+        cond = encode(pipe, prompt, settings.height, settings.width, settings.max_sequence_length, device)
+    cond = cond.to(device)
+
+    def step(i, lat):
+        if timer is not None:
+            timer.step()
+        if on_step is not None:
+            on_step(i, lat)
+
+    if timer is not None:
+        timer.start()
+    out = denoise(
+        pipe,
+        cond,
+        latents,
+        settings.height,
+        settings.width,
+        list(settings.guidance_schedule),
+        settings.mu,
+        settings.std,
+        on_step=step,
+    )
+    image = decode(pipe, out, settings.height, settings.width)
+    pipe.maybe_free_model_hooks()
+    return image
+
+
+def _check_prompt(pipe, prompt: str, settings: SamplingSettings) -> None:
+    """The pipeline's own input checks, as a ConfigError."""
     try:
-        out = pipe(
+        pipe.check_inputs(
             prompt=prompt,
             height=settings.height,
             width=settings.width,
             num_inference_steps=settings.steps,
             guidance_scale=None,
             guidance_schedule=list(settings.guidance_schedule),
-            mu=settings.mu,
-            std=settings.std,
-            max_sequence_length=settings.max_sequence_length,
-            latents=latents.to(device),
-            output_type="pil",
         )
-    except ValueError as exc:  # the pipeline's input checks (prompt length, sizes)
+    except ValueError as exc:
         raise ConfigError(f"cannot generate: {exc}") from None
-    return out.images[0]
+    from ditq.models.denoise import prompt_tokens
+
+    n = prompt_tokens(pipe, prompt)
+    if n > settings.max_sequence_length:
+        raise ConfigError(
+            f"cannot generate: the prompt has {n} tokens, more than max_sequence_length={settings.max_sequence_length}"
+        )
 
 
 def png_metadata(**fields) -> object:

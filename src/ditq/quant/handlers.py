@@ -73,7 +73,7 @@ def _gguf(model, recipe: GGUFRecipe, filter_fn, *, stats=None, transformer=None)
             from ditq.quant.calibration import importance
 
             imatrix = importance(stats, transformer or stats.transformers[0], name)
-        raw = torch.from_numpy(quantize(w.cpu().numpy(), qtype, imatrix))
+        raw = torch.from_numpy(quantize(w.cpu().numpy(), qtype, imatrix, rule=recipe.rule))
         set_module(model, name, GGUFLinear(raw, qtype, float_bias(m), dtype).to(w.device))
         quantized[name] = qtype.name
     return QuantizationRecord(config=recipe.to_dict(), quantized=quantized, kept_float=kept)

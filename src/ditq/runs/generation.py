@@ -20,6 +20,7 @@ import torch
 
 from ditq._version import __version__
 from ditq.errors import ConfigError
+from ditq.host import host_record
 from ditq.models.sampling import SamplingSettings, initial_noise, png_metadata
 from ditq.runs.manifest import (
     RUN_FILE,
@@ -192,7 +193,10 @@ def run_generation(
     if world > 1 and device.startswith("cuda") and ":" not in device:
         device = f"cuda:{local_rank}"
     if rank == 0:
-        write_json_atomic(run_dir / RUN_FILE, prepare_run_dir(run_dir, spec))
+        record = prepare_run_dir(run_dir, spec)
+        record["host"] = host_record(device)  # of the latest invocation: threads, load, CPU or GPU
+        record["tiny"] = _is_tiny(spec.variants[spec.reference_variant])
+        write_json_atomic(run_dir / RUN_FILE, record)
     _barrier(world)
     all_jobs = plan_jobs(spec)
     mine = all_jobs[rank::world]
@@ -222,6 +226,15 @@ def run_generation(
     return result
 
 
+def _is_tiny(model: str) -> bool:
+    """Whether the reference is the built-in tiny model (random weights: speed and quality only check code paths)."""
+    if model == "tiny":
+        return True
+    from ditq.models.loading import resolve_source
+
+    return (resolve_source(model) / "ditq_tiny.json").is_file()
+
+
 class _Budget:
     """How many more images this call may generate (`stop_after`), and how many it did."""
 
@@ -240,10 +253,12 @@ def _run_variant(run_dir, spec, variant, model, jobs, device, dtype, manifest, b
     pipe = load_pipeline(model, device=device, dtype=dtype)
     info = _variant_record(variant, model, pipe)
     settings = _settings_for(pipe, spec.settings)
-    for job in jobs:
+    for n, job in enumerate(jobs):
         if budget.exhausted:
             break
-        append_jsonl(manifest, _generate_job(pipe, job, model, settings, run_dir, device))
+        record = _generate_job(pipe, job, model, settings, run_dir, device)
+        record["warmup"] = n == 0  # the first image of a loaded variant pays one-time costs
+        append_jsonl(manifest, record)
         budget.used += 1
         bar.update()
     del pipe
@@ -253,14 +268,16 @@ def _run_variant(run_dir, spec, variant, model, jobs, device, dtype, manifest, b
 
 def _generate_job(pipe, job: Job, model: str, settings: SamplingSettings, run_dir: Path, device: str) -> dict:
     """One image of the run: generated from its paired noise, written atomically; returns its manifest record."""
+    from ditq.models.denoise import StepTimer
     from ditq.models.sampling import generate
 
     noise = initial_noise(pipe, job.seed, settings)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
+    timer = StepTimer(device)
     t0 = time.perf_counter()
-    image = generate(pipe, job.text, job.seed, settings, latents=noise)
+    image = generate(pipe, job.text, job.seed, settings, latents=noise, timer=timer)
     wall = time.perf_counter() - t0
     if cuda:
         peak = torch.cuda.max_memory_allocated(device)
@@ -278,6 +295,7 @@ def _generate_job(pipe, job: Job, model: str, settings: SamplingSettings, run_di
         "sha256": _sha256(out),
         "noise_sha256": hashlib.sha256(noise.numpy().tobytes()).hexdigest(),
         "wall_s": round(wall, 4),
+        "step_s": [round(t, 5) for t in timer.steps],
         "peak_mem_bytes": int(peak),
         "peak_mem_kind": "cuda_allocated" if cuda else "process_rss",
         "device": str(device),
@@ -310,6 +328,7 @@ def _finish_run(
         record["variants"][name] = {**record["variants"].get(name, {}), **info}
     record["device"] = str(device)
     record["dtype"] = str(dtype).replace("torch.", "")
+
     write_json_atomic(run_dir / RUN_FILE, record)
     merge_manifests(run_dir, [j.key for j in all_jobs])
 

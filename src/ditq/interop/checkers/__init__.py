@@ -57,6 +57,9 @@ def check_file(
 
 
 __all__ = [
+    "COMFYUI",
+    "COMFYUI_GGUF",
+    "SDCPP",
     "LOADER_NAMES",
     "Violation",
     "check_file",

@@ -30,6 +30,7 @@ from gguf import LlamaFileType
 from ditq._version import __version__
 from ditq.errors import CheckpointError, ConfigError
 from ditq.formats.gguf import tensor_type
+from ditq.gguf.codec import DEFAULT_RULE, resolve_rule
 from ditq.io.safetensors_io import TensorSource
 from ditq.quant.recipes.base import ConvertContext, Recipe, register_name
 from ditq.quant.recipes.source import float_rows, fused_sources, read_float
@@ -66,12 +67,14 @@ class GGUFRecipe(Recipe):
     mix: bool = False
     tensors: str = "auto"
     use_imatrix: bool = True
+    rule: str = DEFAULT_RULE  # llama.cpp's make_qkx3_quants rule (Q2_K/Q4_K/Q5_K with an importance matrix)
 
     def __post_init__(self) -> None:
         if self.type not in GGUF_TYPES:
             raise ConfigError(f"GGUF type {self.type!r}: unknown; known: {', '.join(GGUF_TYPES)}")
         if self.mix and GGUF_TYPES[self.type][2] is None:
             raise ConfigError(f"GGUF type {self.type!r} has no _m mix; mixes: q5_k, q4_k, q3_k")
+        resolve_rule(self.rule)
         if self.tensors not in TENSOR_RULES:
             raise ConfigError(
                 f"GGUF tensors rule {self.tensors!r}: expected one of {', '.join(TENSOR_RULES)}"
@@ -143,6 +146,7 @@ def encode_rows(
     qtype: Q,
     imatrix: np.ndarray | None = None,
     threads: int | None = None,
+    rule: str = DEFAULT_RULE,
 ) -> np.ndarray:
     """The tensors `keys` stacked along dim 0 (logical `shape`) encoded as `qtype`: uint8 (rows, row_bytes),
     encoded a block of rows at a time so that only the output and one float32 block are in memory."""
@@ -150,13 +154,13 @@ def encode_rows(
 
     if len(shape) <= 1:  # one row; parts of a split 1-D tensor join along it
         x = np.concatenate([read_float(source, k).reshape(-1) for k in keys]).reshape(1, -1)
-        return quantize(x, qtype, imatrix, threads=threads)
+        return quantize(x, qtype, imatrix, threads=threads, rule=rule)
     rows = math.prod(shape[:-1])
     out = np.empty((rows, row_bytes(qtype, shape[-1])), dtype=np.uint8)
     r = 0
     for key in keys:
         for x in float_rows(source, key):
-            out[r : r + len(x)] = quantize(x, qtype, imatrix, threads=threads)
+            out[r : r + len(x)] = quantize(x, qtype, imatrix, threads=threads, rule=rule)
             r += len(x)
     if r != rows:
         raise CheckpointError(f"{source.path}: {keys} hold {r} rows, expected {rows} for shape {list(shape)}")
@@ -195,13 +199,13 @@ def write_transformer_gguf(
     specs = [TensorSpec(p.name, p.shape or (1,), p.qtype) for p in plans]
     start = time.perf_counter()
     in_bytes = 0
-    with GGUFStreamWriter(dst, specs, metadata) as writer:
+    with GGUFStreamWriter(dst, specs, metadata, rule=recipe.rule) as writer:
         for p in tqdm(plans, desc=f"{src.name} -> {recipe.name}", unit="tensor", disable=not progress):
             imat = None
             if imatrix is not None and recipe.use_imatrix and p.qtype not in (Q.F32, Q.BF16, Q.F16, Q.Q8_0):
                 imat = imatrix(p.name.rsplit(".", 1)[0])
             shape = p.shape or (1,)
-            writer.write_raw(p.name, encode_rows(source, p.sources, shape, p.qtype, imat, threads))
+            writer.write_raw(p.name, encode_rows(source, p.sources, shape, p.qtype, imat, threads, recipe.rule))
             in_bytes += 4 * math.prod(shape)
     return {
         "file": str(dst),
