@@ -32,6 +32,7 @@ _API = {
     "Int8Recipe": "ditq.quant.recipes",
     "GGUFRecipe": "ditq.quant.recipes",
     "NF4Recipe": "ditq.quant.recipes",
+    "FP8Recipe": "ditq.quant.recipes",
     "parse_recipe": "ditq.quant.recipes",
     "recipe_from_dict": "ditq.quant.recipes",
     "recipe_names": "ditq.quant.recipes",

@@ -10,11 +10,14 @@ measure why ditq's are kept.
 - NF4: bitsandbytes' `Linear4bit` keeps its quantization state outside the parameters, so moving parameters the way
   diffusers' group offloading does (`param.data = param.data.to(device)`) leaves the absmax behind; ditq's `NF4Linear`
   stores it as a parameter, which moves, and packs and dequantizes to the same bytes and weight.
+- GGUF files: gguf-py reads what ditq's writer writes; ditq's reader refuses a truncated file with its own error
+  where gguf-py's raises a foreign one, and ditq's writer leaves no partial file under the final name.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from ditq.formats.fp8 import Fp8Linear, quantize_fp8_rowwise
@@ -88,3 +91,43 @@ def test_nf4_storage_moves_with_its_parameters_where_linear4bit_state_stays_behi
     assert lin.weight.quant_state.absmax.data_ptr() not in held
     mine_held = {t.data_ptr() for t in mine.parameters()}
     assert {mine.quant_state().absmax.data_ptr(), mine.quant_state().code.data_ptr()} <= mine_held
+
+
+def test_gguf_files_read_and_written_like_gguf_py_but_checked_and_atomic(tmp_path):
+    """gguf-py reads what ditq writes; ditq keeps its own reader and writer because gguf-py's reader lets foreign
+    exceptions out of a truncated file and its writer leaves a partial file under the final name when stopped."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    from ditq.errors import CheckpointError
+    from ditq.gguf import GGUFFile, GGUFStreamWriter, TensorSpec
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 256)).astype(np.float32)
+    path = tmp_path / "w.gguf"
+    with GGUFStreamWriter(
+        path, [TensorSpec("w.weight", w.shape, Q.Q4_K)], {"general.architecture": "ideogram"}
+    ) as f:
+        f.write_tensor("w.weight", w)
+    assert np.array_equal(
+        np.asarray(gguf.GGUFReader(path).tensors[0].data).reshape(-1),
+        GGUFFile(path).raw("w.weight").reshape(-1),
+    )
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="cut.gguf"):
+        GGUFFile(cut)
+    with pytest.raises(Exception) as foreign:
+        gguf.GGUFReader(cut)
+    assert not isinstance(foreign.value, CheckpointError)
+
+    theirs, ours = tmp_path / "theirs.gguf", tmp_path / "ours.gguf"
+    writer = gguf.GGUFWriter(theirs, "ideogram")
+    writer.add_tensor_info("w.weight", w.shape, w.dtype, w.nbytes)
+    writer.write_header_to_file()  # ... and the process stops here
+    writer.close()
+    assert theirs.exists()
+    with pytest.raises(KeyboardInterrupt):
+        with GGUFStreamWriter(ours, [TensorSpec("w.weight", w.shape, Q.F32)], {}) as f:
+            raise KeyboardInterrupt
+    assert not ours.exists() and not list(tmp_path.glob("ours*"))

@@ -15,6 +15,7 @@ from torch import nn
 from ditq.formats.keys import fused_module_name
 from ditq.quant.api import QuantizationRecord, dense_float, quantize_, register_quantize_handler
 from ditq.quant.modules import float_bias, float_weight, linear_modules, model_dtype, set_module
+from ditq.quant.recipes.fp8 import FP8Recipe
 from ditq.quant.recipes.gguf import GGUFRecipe
 from ditq.quant.recipes.int8 import Int8Recipe
 from ditq.quant.recipes.nf4 import NF4Recipe
@@ -100,4 +101,22 @@ def _nf4(model, recipe: NF4Recipe, filter_fn, *, stats=None, transformer=None):
             tensors["bias"] = float_bias(m)
         set_module(model, name, NF4Format().build(tensors, dtype).to(w.device))
         quantized[name] = "nf4"
+    return QuantizationRecord(config=recipe.to_dict(), quantized=quantized, kept_float=kept)
+
+
+@register_quantize_handler(FP8Recipe)
+def _fp8(model, recipe: FP8Recipe, filter_fn, *, stats=None, transformer=None):
+    from ditq.formats.fp8 import Fp8Linear, quantize_fp8_rowwise
+
+    mods, skipped = linear_modules(model, filter_fn)
+    dtype = model_dtype(model)
+    quantized, kept = {}, {}
+    for name, m in mods.items():
+        if name in skipped or isinstance(m, Fp8Linear):
+            kept[name] = "filter_fn" if name in skipped else "already FP8"
+            continue
+        w = float_weight(m)
+        q, scale = quantize_fp8_rowwise(w)
+        set_module(model, name, Fp8Linear(q, scale, float_bias(m), dtype).to(w.device))
+        quantized[name] = "fp8"
     return QuantizationRecord(config=recipe.to_dict(), quantized=quantized, kept_float=kept)

@@ -28,6 +28,7 @@ from ditq.formats import nf4 as nf4_format
 from ditq.formats.gguf import stored_bytes
 from ditq.formats.keys import fused_module_name, split_to_fused
 from ditq.quant.recipes.base import Recipe, parse_recipe
+from ditq.quant.recipes.fp8 import FP8Recipe
 from ditq.quant.recipes.gguf import GGUFRecipe
 from ditq.quant.recipes.int8 import Int8Recipe
 from ditq.quant.recipes.nf4 import NF4Recipe
@@ -71,6 +72,8 @@ def transformer_bytes(
     tensors, linears = fused_tensors(model)
     if isinstance(recipe, str) and recipe not in ("bf16", "fp8"):
         recipe = parse_recipe(recipe)
+    if isinstance(recipe, FP8Recipe):
+        recipe = "fp8"
     int8 = None
     if isinstance(recipe, Int8Recipe):
         int8 = (

@@ -117,8 +117,11 @@ def _check_stats(
 
 
 class _Converter:
-    def __init__(self, src: Path, config, stats, transformer: str, protect: Iterable[str]) -> None:
+    def __init__(
+        self, src: Path, config, stats, transformer: str, protect: Iterable[str], recipe: dict | None = None
+    ) -> None:
         self.src, self.config, self.stats, self.transformer = src, config, stats, transformer
+        self.recipe = recipe
         self.reader = FusedReader(src)
         self.linears = _linear_names(src)
         self.modules = group_by_module(list(self.reader.keys))
@@ -288,6 +291,8 @@ class _Converter:
         for n in sorted(self.protected):
             kept.setdefault(fused_module_name(n), self.reasons.get(n, "protected"))
         recipe = recipe_dict(self.config, decisions, kept, self.stats)
+        if self.recipe is not None:
+            recipe["recipe"] = self.recipe
         recipe["transformer"] = self.transformer
         recipe["quantized"] = sorted(quantized)
         metadata = {
@@ -329,8 +334,10 @@ def convert_transformer_int8(
     transformer: str | None = None,
     protect: Iterable[str] = (),
     progress: bool = True,
+    recipe: dict | None = None,
 ) -> ConvertReport:
-    """Convert one transformer component folder to INT8; `protect` adds layers kept in bf16.
+    """Convert one transformer component folder to INT8; `protect` adds layers kept in bf16; `recipe` (the
+    `Int8Recipe.to_dict()` this conversion applies) is recorded in the file's metadata with the decisions.
 
     `stats` (a `CalibrationStats` or its file) is required for SmoothQuant; `transformer` names the entry of the
     statistics to use (default: the source folder's name).
@@ -351,7 +358,7 @@ def convert_transformer_int8(
             raise ConfigError("SmoothQuant conversion needs calibration statistics (ditq calibrate)")
         if transformer not in stats.modules and len(stats.transformers) == 1:
             transformer = stats.transformers[0]
-    conv = _Converter(src, config, stats, transformer, protect)
+    conv = _Converter(src, config, stats, transformer, protect, recipe)
     try:
         if isinstance(config, SmoothQuantConfig):
             _check_stats(stats, transformer, conv.linears, str(src))

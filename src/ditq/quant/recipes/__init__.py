@@ -14,6 +14,7 @@ from ditq.quant.recipes.base import (
     recipe_from_dict,
     recipe_names,
 )
+from ditq.quant.recipes.fp8 import FP8Recipe
 from ditq.quant.recipes.gguf import GGUFRecipe
 from ditq.quant.recipes.int8 import Int8Recipe
 from ditq.quant.recipes.nf4 import NF4Recipe
@@ -21,6 +22,7 @@ from ditq.quant.recipes.nf4 import NF4Recipe
 __all__ = [
     "RECIPE_KINDS",
     "ConvertContext",
+    "FP8Recipe",
     "GGUFRecipe",
     "Int8Recipe",
     "NF4Recipe",

@@ -82,6 +82,7 @@ class Int8Recipe(Recipe):
             transformer=ctx.component,
             protect=ctx.protect,
             progress=ctx.progress,
+            recipe=self.to_dict(),
         )
         return {
             "file": str(report.path),

@@ -5,6 +5,7 @@ pages of a 9 GB source do not stay resident."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from ditq.errors import CheckpointError, ConfigError
 from ditq.formats.keys import detect_layout, fused_module_name, split_to_fused, strip_prefix
 from ditq.io.safetensors_io import TensorInfo, TensorSource
 
+_SPLIT_QKV = re.compile(r"\.attention\.to_([qkv])\.")
 CHUNK_VALUES = 1 << 24  # float32 values decoded at a time (64 MiB)
 
 
@@ -37,7 +39,13 @@ def fused_sources(source: TensorSource) -> dict[str, list[str]]:
             module, _, leaf = name.rpartition(".")
             fused = f"{fused_module_name(module)}.{leaf}"
         out.setdefault(fused, []).append(raw[name])
-    return out
+    # a fused qkv is q, k, v in that order, whatever order the file lists its parts in
+    return {fused: sorted(keys, key=_qkv_order) for fused, keys in out.items()}
+
+
+def _qkv_order(key: str) -> int:
+    m = _SPLIT_QKV.search(key)
+    return "qkv".index(m.group(1)) if m else 0
 
 
 def float_rows(source: TensorSource, key: str, max_values: int = CHUNK_VALUES) -> Iterator[np.ndarray]:
