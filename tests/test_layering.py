@@ -17,6 +17,7 @@ LAYERS = [
     {"io", "gguf"},
     {"formats"},
     {"models"},
+    {"lora"},
     {"quant"},
     {"interop"},
     {"prompts"},
