@@ -297,3 +297,27 @@ def test_every_registered_metric_keeps_the_contract():
         assert status.available or (isinstance(status.reason, str) and status.reason)
         json.dumps(metric.describe())
         assert metric.score([]) == []
+
+
+def test_cli_eval_says_each_unavailable_reason_once_on_one_line(
+    run_dir, tmp_path, monkeypatch, capsys, caplog
+):
+    """An unavailable metric is one printed line (stdout and stderr together, logging included), with the
+    variable that makes it available."""
+    import logging
+
+    monkeypatch.setenv("DITQ_LPIPS_ALEXNET", str(tmp_path / "alexnet.pth"))
+    monkeypatch.setenv("DITQ_LPIPS_LIN", str(tmp_path / "alex.pth"))
+    caplog.set_level(logging.INFO, logger="ditq")  # what the CLI shows
+    assert main(["eval", str(run_dir), "--metrics", "lpips,psnr", "--no-progress", "--no-checks"]) == 0
+    captured = capsys.readouterr()
+    printed = (captured.out + captured.err).splitlines()
+    expected = (
+        f"lpips: unavailable: AlexNet weights $DITQ_LPIPS_ALEXNET={tmp_path / 'alexnet.pth'}: no such file; "
+        f"lin weights $DITQ_LPIPS_LIN={tmp_path / 'alex.pth'}: no such file"
+    )
+    assert printed.count(expected) == 1
+    assert sum("alexnet.pth" in line for line in printed) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and "alexnet.pth" in r.getMessage()]
+    entry = json.loads((run_dir / "metrics.json").read_text())["metrics"]["lpips"]
+    assert entry["reason"] == expected.removeprefix("lpips: unavailable: ")

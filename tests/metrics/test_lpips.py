@@ -137,9 +137,30 @@ def test_lpips_unavailable_without_weights(tmp_path, weights):
     metric = LPIPS(backbone=tmp_path / "absent-alexnet.pth", lin=folder / "alex.pth")
     status = metric.status()
     assert not status.available
-    assert "absent-alexnet.pth" in status.reason
+    assert status.reason == f"AlexNet weights {tmp_path / 'absent-alexnet.pth'}: no such file"
     status = LPIPS(backbone=folder / "alexnet.pth", lin=tmp_path / "absent-lin.pth").status()
-    assert not status.available and "absent-lin.pth" in status.reason
+    assert (
+        not status.available and status.reason == f"lin weights {tmp_path / 'absent-lin.pth'}: no such file"
+    )
+
+
+def test_lpips_default_reason_names_the_file_and_the_variables(tmp_path, monkeypatch):
+    """Nothing found anywhere: one line with the torch hub path, the pip command and both variables."""
+    import importlib.util
+
+    for name in ("DITQ_LPIPS_ALEXNET", "DITQ_LPIPS_LIN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "lpips" else real_find_spec(n, *a)
+    )
+    reason = LPIPS().status().reason
+    hub_file = tmp_path / "torch" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    assert reason == (
+        f"needs {hub_file} (or $DITQ_LPIPS_ALEXNET) and `pip install --no-deps lpips` "
+        "(or $DITQ_LPIPS_LIN=weights/v0.1/alex.pth)"
+    )
 
 
 def test_lpips_paths_from_environment(monkeypatch, weights):
@@ -148,7 +169,7 @@ def test_lpips_paths_from_environment(monkeypatch, weights):
     monkeypatch.setenv("DITQ_LPIPS_LIN", str(folder / "alex.pth"))
     assert LPIPS().status().available
     monkeypatch.setenv("DITQ_LPIPS_LIN", str(folder / "nope.pth"))
-    assert "nope.pth" in LPIPS().status().reason
+    assert LPIPS().status().reason == f"lin weights $DITQ_LPIPS_LIN={folder / 'nope.pth'}: no such file"
 
 
 def test_lpips_finds_installed_package_weights_without_importing_it(tmp_path, monkeypatch):

@@ -97,7 +97,10 @@ def test_long_prompts_are_truncated_to_the_context(tiny_clip_folder, images):
 
 def test_preference_unavailable_names_what_is_missing(tmp_path, tiny_processor):
     status = ClipScore(model=tmp_path / "no-such-model").status()
-    assert not status.available and "no-such-model" in status.reason and "DITQ_CLIP_MODEL" in status.reason
+    assert not status.available
+    assert status.reason == f"{tmp_path / 'no-such-model'} lacks config.json, model weights, " + (
+        "preprocessor_config.json, tokenizer"
+    )
     status = PickScore(model="ditq-test/absent-model", processor=tiny_processor).status()
     assert not status.available and "ditq-test/absent-model" in status.reason
     status = HPSv2(model=tmp_path / "HPS_v2.1_compressed.pt", processor=tiny_processor).status()
@@ -333,7 +336,21 @@ def test_default_sources_load_from_the_hub_cache(
         "DITQ_PICKSCORE_PROCESSOR",
     ):
         monkeypatch.delenv(name, raising=False)
-    assert "xswu/HPSv2" in HPSv2().status().reason
+    # Every default missing: one line with the command that fetches each source and the variables.
+    assert HPSv2().status().reason == (
+        "needs `hf download xswu/HPSv2 HPS_v2.1_compressed.pt` and `hf download "
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K` (or $DITQ_HPSV2_CHECKPOINT, $DITQ_HPSV2_PROCESSOR)"
+    )
+    monkeypatch.delenv("DITQ_CLIP_MODEL", raising=False)
+    assert ClipScore().status().reason == (
+        "needs `hf download openai/clip-vit-large-patch14` (or $DITQ_CLIP_MODEL)"
+    )
+    monkeypatch.setenv("DITQ_PICKSCORE_MODEL", str(tmp_path / "pick"))
+    assert PickScore().status().reason == (
+        f"$DITQ_PICKSCORE_MODEL: {tmp_path / 'pick'} lacks config.json, model weights; needs `hf download "
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K` (or $DITQ_PICKSCORE_PROCESSOR)"
+    )
+    monkeypatch.delenv("DITQ_PICKSCORE_MODEL")
 
     torch.save({"state_dict": _openclip_state_dict()}, tmp_path / "HPS_v2.1_compressed.pt")
     _cache_repo(cache, "xswu/HPSv2", {"HPS_v2.1_compressed.pt": tmp_path / "HPS_v2.1_compressed.pt"})

@@ -123,7 +123,8 @@ def test_eval_records_and_enforces_pinned_weights(run_dir, tiny_clip_folder):
         evaluate_run(run_dir, ["psnr"], progress=False, expect_hashes={"psnr": ["e" * 64]})
     missing = LPIPS(backbone=run_dir / "none.pth", lin=run_dir / "none2.pth")
     with pytest.raises(
-        ConfigError, match="--expect-hash lpips=...: lpips is unavailable: AlexNet backbone not found"
+        ConfigError,
+        match="--expect-hash lpips=...: lpips is unavailable: AlexNet weights .*none.pth: no such file",
     ):
         evaluate_run(run_dir, [missing], progress=False, expect_hashes={"lpips": ["e" * 64]})
 

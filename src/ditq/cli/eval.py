@@ -7,14 +7,18 @@ import argparse
 from ditq.errors import ConfigError
 
 ENVIRONMENT_HELP = """\
-weights are read from local files only (nothing is downloaded):
-  lpips       $DITQ_LPIPS_ALEXNET (torchvision alexnet-owt-7be5be79.pth, default: the torch hub cache)
-              $DITQ_LPIPS_LIN (lpips weights/v0.1/alex.pth, default: an installed lpips package)
-  clip_score  $DITQ_CLIP_MODEL (default: openai/clip-vit-large-patch14 in the Hugging Face cache)
+weights are read from local files only (nothing is downloaded); what makes each metric available:
+  lpips       $DITQ_LPIPS_ALEXNET: torchvision's alexnet-owt-7be5be79.pth (default: <torch hub dir>/checkpoints/,
+              ~/.cache/torch/hub/checkpoints/ unless $TORCH_HOME is set; torchvision's AlexNet download URL
+              https://download.pytorch.org/models/alexnet-owt-7be5be79.pth)
+              $DITQ_LPIPS_LIN: lpips' weights/v0.1/alex.pth (default: found inside an installed lpips package;
+              `pip install --no-deps lpips` installs it without torchvision, and ditq never imports it)
+  clip_score  $DITQ_CLIP_MODEL (default: `hf download openai/clip-vit-large-patch14`)
   pickscore   $DITQ_PICKSCORE_MODEL, $DITQ_PICKSCORE_PROCESSOR
-              (default: yuvalkirstain/PickScore_v1, laion/CLIP-ViT-H-14-laion2B-s32B-b79K)
+              (default: `hf download yuvalkirstain/PickScore_v1`, `hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K`)
   hpsv2       $DITQ_HPSV2_CHECKPOINT, $DITQ_HPSV2_PROCESSOR
-              (default: HPS_v2.1_compressed.pt of xswu/HPSv2, laion/CLIP-ViT-H-14-laion2B-s32B-b79K)
+              (default: `hf download xswu/HPSv2 HPS_v2.1_compressed.pt`, the laion ViT-H-14 processor as above)
+  ocr_*       `pip install rapidocr onnxruntime` (PP-OCR models ship in the wheel)
 a metric whose weights are missing is reported unavailable in metrics.json and writes no scores.
 the sha256 of every weight file loaded is recorded in metrics.json and shown in the report; pin them with
   --expect-hash clip_score=SHA256 (one per file: LPIPS has two), and eval refuses any other weights.

@@ -231,8 +231,8 @@ def evaluate_run(
                     metric.load(device)
                 except CheckpointError as exc:
                     status = MetricStatus.missing(str(exc))
-            if not status.available:
-                logger.warning("%s unavailable: %s", metric.name, status.reason)
+            if not status.available:  # the caller prints the statuses once; the log keeps it for debugging
+                logger.debug("%s unavailable: %s", metric.name, status.reason)
             else:
                 if without_reference:
                     logger.warning("%s: %d images have no reference image", metric.name, without_reference)

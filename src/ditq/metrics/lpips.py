@@ -11,7 +11,7 @@ Weights come from two files and nothing is downloaded:
   `$DITQ_LPIPS_ALEXNET`, else the torch hub cache (`<torch hub dir>/checkpoints/alexnet-owt-7be5be79.pth`);
 - the five 1x1 "lin" layers (`lin{i}.model.1.weight`, [1, C, 1, 1]) from `lin=` or `$DITQ_LPIPS_LIN`, else
   the `weights/v0.1/alex.pth` shipped inside an installed `lpips` package (found without importing it).
-Without either file the metric is unavailable and says which paths it looked at.
+Without either file the metric is unavailable, with a one-line reason naming the file or variable to set.
 """
 
 from __future__ import annotations
@@ -130,6 +130,43 @@ def installed_lpips_lin_path() -> Path | None:
     return None
 
 
+def _home(path: Path) -> str:
+    """`path` with the home folder written as ~ (reasons stay one short line)."""
+    try:
+        return "~/" + str(path.relative_to(Path.home()))
+    except ValueError:
+        return str(path)
+
+
+def missing_reason(
+    no_backbone: bool, no_lin: bool, backbones: list[Path], explicit: tuple[str | None, str | None]
+) -> str | None:
+    """One line naming the file or variable that makes LPIPS available; None when both files are found.
+
+    The lin layers (6 KB) ship inside the `lpips` wheel; `pip install --no-deps lpips` installs them without
+    torchvision (which `lpips` requires and which does not import beside every torch build). ditq never
+    imports the package, it only reads the file.
+    """
+    parts = []
+    if no_backbone:
+        given = explicit[0]
+        parts.append(
+            f"AlexNet weights {given}: no such file"
+            if given
+            else f"needs {_home(backbones[0])} (or $DITQ_LPIPS_ALEXNET)"
+        )
+    if no_lin:
+        given = explicit[1]
+        parts.append(
+            f"lin weights {given}: no such file"
+            if given
+            else "needs `pip install --no-deps lpips` (or $DITQ_LPIPS_LIN=weights/v0.1/alex.pth)"
+        )
+    if len(parts) == 2 and all(p.startswith("needs ") for p in parts):
+        return parts[0] + " and " + parts[1].removeprefix("needs ")
+    return "; ".join(parts) or None
+
+
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -170,18 +207,17 @@ class LPIPS(Metric):
         backbones, lins = self._paths()
         backbone = next((p for p in backbones if p.is_file()), None)
         lin = next((p for p in lins if p.is_file()), None)
-        problems = []
-        if backbone is None:
-            problems.append(
-                f"AlexNet backbone not found (looked at {', '.join(map(str, backbones))}; "
-                "set $DITQ_LPIPS_ALEXNET to torchvision's alexnet-owt-7be5be79.pth)"
-            )
-        if lin is None:
-            where = ", ".join(map(str, lins)) if lins else "no lpips package installed"
-            problems.append(
-                f"LPIPS v0.1 alex lin weights not found ({where}; set $DITQ_LPIPS_LIN to lpips' weights/v0.1/alex.pth)"
-            )
-        return backbone, lin, "; ".join(problems) or None
+        return backbone, lin, missing_reason(backbone is None, lin is None, backbones, self._explicit())
+
+    def _explicit(self) -> tuple[str | None, str | None]:
+        """How the backbone and lin paths were given ("$VAR=path", or the path of an argument); None: defaults."""
+
+        def given(arg: str | Path | None, env: str) -> str | None:
+            if arg:
+                return str(arg)
+            return f"${env}={os.environ[env]}" if os.environ.get(env) else None
+
+        return given(self._backbone, "DITQ_LPIPS_ALEXNET"), given(self._lin, "DITQ_LPIPS_LIN")
 
     def status(self) -> MetricStatus:
         _, _, problem = self._resolve()

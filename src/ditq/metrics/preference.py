@@ -15,7 +15,8 @@ Nothing is downloaded. A source is a local folder / file or a hub id looked up i
 cache only; each can be overridden by an argument or an environment variable:
     $DITQ_CLIP_MODEL, $DITQ_PICKSCORE_MODEL, $DITQ_PICKSCORE_PROCESSOR, $DITQ_HPSV2_CHECKPOINT,
     $DITQ_HPSV2_PROCESSOR.
-When a source is absent the metric is unavailable, with a reason naming what it looked for.
+When a source is absent the metric is unavailable, with a one-line reason: the `hf download` command or the
+variable that makes it available (or, for a source given explicitly, what that folder lacks).
 """
 
 from __future__ import annotations
@@ -53,20 +54,27 @@ def _cached_file(repo_id: str, filename: str) -> str | None:
     return found if isinstance(found, str) else None
 
 
+GROUP_LABELS = {WEIGHT_FILES: "model weights", ("tokenizer.json", "vocab.json"): "tokenizer"}
+
+
+def _label(group: Sequence[str]) -> str:
+    return GROUP_LABELS.get(tuple(group), group[0])
+
+
 def find_folder(source: str, needed: Sequence[Sequence[str]]) -> tuple[str | None, str | None]:
     """Where `source` (a folder or a hub id in the local cache) holds one file of each group in `needed`.
 
-    Returns (what to pass to `from_pretrained`, None) or (None, the reason it was not found).
+    Returns (what to pass to `from_pretrained`, None) or (None, what is missing in a few words).
     """
     path = Path(source).expanduser()
     if path.exists() or not _REPO_ID.match(source):
-        lacking = [" or ".join(group) for group in needed if not any((path / f).is_file() for f in group)]
+        lacking = [_label(group) for group in needed if not any((path / f).is_file() for f in group)]
         if lacking:
             return None, f"{path} lacks {', '.join(lacking)}"
         return str(path), None
-    lacking = [" or ".join(group) for group in needed if not any(_cached_file(source, f) for f in group)]
+    lacking = [_label(group) for group in needed if not any(_cached_file(source, f) for f in group)]
     if lacking:
-        return None, f"{source} not in the local Hugging Face cache (no {', '.join(lacking)})"
+        return None, f"{source} is not in the Hugging Face cache"
     return source, None
 
 
@@ -79,11 +87,11 @@ def find_file(source: str, default_repo: str, filename: str) -> tuple[str | None
         if path.is_file():
             return str(path), None
         if not _REPO_ID.match(source):
-            return None, f"{path} does not exist"
+            return None, f"{path}: no such file"
     repo = source or default_repo
     found = _cached_file(repo, filename)
     if found is None:
-        return None, f"{filename} of {repo} not in the local Hugging Face cache"
+        return None, f"{filename} of {repo} is not in the Hugging Face cache"
     return found, None
 
 
@@ -161,19 +169,51 @@ class ClipPreference(Metric):
     def _resolve_model(self) -> tuple[str | None, str | None]:
         return find_folder(self.model_source(), MODEL_FILES)
 
-    def _hint(self) -> str:
-        names = [f"${self.model_env}"] + ([f"${self.processor_env}"] if self.processor_env else [])
-        return f"set {' / '.join(names)} to a local copy"
+    def _given(self, arg: str | None, env: str | None) -> str | None:
+        """How a source was given: "$VAR", "argument", or None when it is the default hub id."""
+        if arg:
+            return "argument"
+        return f"${env}" if env and os.environ.get(env) else None
 
     def _resolve(self) -> tuple[str | None, str | None, str | None]:
-        """(model source, processor source, None) when both are found, else (.., .., why not)."""
+        """(model source, processor source, None) when both are found, else (.., .., one line: what to get)."""
+        model_env, processor_env = self.model_env, self.processor_env or self.model_env
         if self.processor_source() == self.model_source():
             found, problem = find_folder(self.model_source(), (*MODEL_FILES, *PROCESSOR_FILES))
-            return found, found, problem and f"{problem}; {self._hint()}"
-        model, model_problem = self._resolve_model()
-        processor, processor_problem = find_folder(self.processor_source(), PROCESSOR_FILES)
-        problems = [p for p in (model_problem, processor_problem) if p]
-        return model, processor, problems and f"{'; '.join(problems)}; {self._hint()}" or None
+            parts = [(problem, self.default_model, self._model_arg, model_env)] if problem else []
+            model = processor = found
+        else:
+            model, model_problem = self._resolve_model()
+            processor, processor_problem = find_folder(self.processor_source(), PROCESSOR_FILES)
+            parts = []
+            if model_problem:
+                parts.append((model_problem, self.default_model, self._model_arg, model_env))
+            if processor_problem:
+                default = self.default_processor or self.default_model
+                parts.append((processor_problem, default, self._processor_arg, processor_env))
+        if not parts:
+            return model, processor, None
+        return model, processor, self._reason(parts)
+
+    def download(self, default: str) -> str:
+        """The arguments of `hf download` that fetch a default source."""
+        return default
+
+    def _reason(self, parts: list[tuple[str, str, str | None, str]]) -> str:
+        """One line: the given sources that lack files, then the `hf download` commands for missing defaults."""
+        explicit, commands, variables = [], [], []
+        for problem, default, arg, env in parts:
+            given = self._given(arg, env)
+            if given == "argument":
+                explicit.append(problem)
+            elif given:
+                explicit.append(f"{given}: {problem}")
+            else:
+                commands.append(f"`hf download {self.download(default)}`")
+                variables.append(f"${env}")
+        if commands:
+            explicit.append(f"needs {' and '.join(commands)} (or {', '.join(variables)})")
+        return "; ".join(explicit)
 
     def status(self) -> MetricStatus:
         *_, problem = self._resolve()
@@ -312,6 +352,9 @@ class HPSv2(ClipPreference):
     def _resolve_model(self) -> tuple[str | None, str | None]:
         source = self._model_arg or os.environ.get(self.model_env) or ""
         return find_file(source, self.default_model, self.checkpoint_file)
+
+    def download(self, default: str) -> str:
+        return f"{default} {self.checkpoint_file}" if default == self.default_model else default
 
     def model(self) -> str | None:
         source = (
