@@ -128,6 +128,27 @@ def test_cli_expand_resumes_after_interruption_without_duplicates(tmp_path, caps
     assert "all 5 prompt(s) already expanded" in capsys.readouterr().err
 
 
+def test_cli_expand_records_the_requested_text(tmp_path, capsys):
+    """A record without `texts` gets the strings its prompt asks for, quoted or not; given texts are kept."""
+    lines = [
+        json.dumps({"id": "sign", "prompt": "a neon sign that says OPEN above a door"}),
+        json.dumps({"id": "book", "prompt": 'a book titled Moby Dick beside a mug reading "COFFEE"'}),
+        json.dumps({"id": "cat", "prompt": "a cat reading a newspaper"}),
+        json.dumps({"id": "own", "prompt": "a sign that says OPEN", "texts": ["OPEN NOW"]}),
+    ]
+    prompts = write_lines(tmp_path / "prompts.jsonl", lines)
+    out = tmp_path / "captions.jsonl"
+    assert main(["captions", "expand", str(prompts), "-o", str(out)]) == 0
+    records = {r.id: r for r in read_prompt_records(out)}
+    assert records["sign"].texts == ("OPEN",)
+    assert records["book"].texts == ("Moby Dick", "COFFEE")
+    assert records["cat"].texts == ()
+    assert records["own"].texts == ("OPEN NOW",)
+    for r in records.values():  # the caption renders exactly those strings
+        elements = json.loads(r.caption)["compositional_deconstruction"]["elements"]
+        assert tuple(e["text"] for e in elements if e["type"] == "text") == r.texts
+
+
 def test_cli_expand_rejects_bad_prompt_files(tmp_path, capsys):
     malformed = write_lines(
         tmp_path / "bad.jsonl", [json.dumps({"id": "a", "prompt": "x"}), '{"id": "b", "prompt": ']

@@ -8,7 +8,7 @@ import pytest
 
 from ditq.errors import ConfigError
 from ditq.prompts import EXPANDERS, PromptRecord, validate_caption
-from ditq.prompts.expanders.template import TemplateExpander, guess_medium, quoted_strings
+from ditq.prompts.expanders.template import TemplateExpander, guess_medium, quoted_strings, requested_texts
 
 
 def record(prompt: str, **fields) -> PromptRecord:
@@ -67,3 +67,49 @@ def test_template_helpers():
     assert quoted_strings('sign "OPEN" and «Fermé» and 「営業中」') == ["OPEN", "Fermé", "営業中"]
     assert guess_medium("an oil painting of a pear", has_text=False)[0] == "painting"
     assert guess_medium("a cat", has_text=True) == ("graphic design", "poster")
+
+
+# Hand-checked: what each prompt asks the image to show.
+REQUESTED = {
+    "neon sign that says OPEN": ["OPEN"],
+    "a neon sign reading OPEN 24 HOURS in pink": ["OPEN 24 HOURS"],
+    "a book titled Moby Dick on a table": ["Moby Dick"],
+    "a mug with the words good morning on it": ["good morning"],
+    'poster "SUMMER FEST" with the words Live Music at the bottom': ["SUMMER FEST", "Live Music"],
+    "a sign reading Café de Flore, Paris": ["Café de Flore"],
+    "a shop sign saying 営業中 at night": ["営業中"],
+    "a banner with the text: SALE 50% OFF": ["SALE 50% OFF"],
+    "A road sign reading STOP. A cat sits nearby.": ["STOP"],
+    "a sign that reads welcome home in gold letters": ["welcome home"],
+    'a sign reading "OPEN" that says OPEN': ["OPEN"],
+    # The cue words in their other senses ask for no text.
+    "a girl reading a book under a tree": [],
+    "a man reads the newspaper": [],
+    "a t-shirt printed with flowers": [],
+    "the name of the band is unknown": [],
+}
+
+
+@pytest.mark.parametrize("prompt", REQUESTED)
+def test_requested_texts_quoted_and_unquoted(prompt):
+    assert requested_texts(prompt) == REQUESTED[prompt]
+
+
+def test_template_unquoted_text_becomes_a_text_element():
+    caption = json.loads(TemplateExpander().expand(record("a neon sign that says OPEN")))
+    texts = [e["text"] for e in caption["compositional_deconstruction"]["elements"] if e["type"] == "text"]
+    assert texts == ["OPEN"]
+
+
+def test_requested_texts_match_the_suite_strings():
+    """The shipped suite's 300 hand-written `texts` as the reference: the prompts' strings are the same
+    characters (four prompts quote two strings as one), and no prompt without text yields any."""
+    from ditq.metrics.text import normalize_text
+    from ditq.prompts import TEXT_CATEGORIES, load_suite
+
+    for r in load_suite("full"):
+        found = requested_texts(r.prompt)
+        if r.category in TEXT_CATEGORIES or r.texts:
+            assert normalize_text("".join(found)) == normalize_text("".join(r.texts)), r.id
+        else:
+            assert found == [], r.id

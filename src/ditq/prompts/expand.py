@@ -1,5 +1,8 @@
 """Expand a prompt file into a caption file, resumably: ids already in the output are skipped.
 
+A record without `texts` gets the strings its prompt asks for (`ditq.prompts.texts.requested_texts`: quoted, or
+after a cue such as "says OPEN"), so OCR has something to score whichever expander wrote the caption.
+
 Each finished record is appended as one complete, fsynced line (`records.append_line`), so an interrupted run
 loses at most the record in flight; `records.open_resumable` drops a torn last line before resuming.
 """
@@ -13,6 +16,7 @@ from pathlib import Path
 
 from ditq.prompts.expanders import Expander, ExpanderError
 from ditq.prompts.records import PromptRecord, append_line, open_resumable
+from ditq.prompts.texts import requested_texts
 from ditq.prompts.validate import check_caption
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,8 @@ def expand_to_file(
                 log.error("%s", exc)
             else:
                 data = record.to_dict()
+                if not record.texts:  # what OCR will score: the text the prompt asks for
+                    data["texts"] = requested_texts(record.prompt)
                 data.pop("caption", None)
                 data["expander"] = expander.name
                 data["caption"] = caption

@@ -2,7 +2,8 @@
 
 For when no language model is available (CI, air-gapped machines) and for the committed benchmark suite. It reads
 these optional record fields (a bare `{"id", "prompt"}` record works too: then the prompt is the subject, quoted
-strings in it become text elements and the medium is guessed from keywords):
+strings in it, and unquoted text after a cue such as "says" or "titled" (`requested_texts`), become text
+elements and the medium is guessed from keywords):
 
     subject      the main subject, a noun phrase ("a red fox asleep on a mossy log")
     details      more about the subject, appended to its description (layout "stack": an ornament by the words)
@@ -26,7 +27,10 @@ from ditq.errors import ConfigError
 from ditq.prompts.expanders import EXPANDERS
 from ditq.prompts.records import PromptRecord
 from ditq.prompts.schema import ELEMENT_PALETTE_MAX, STYLE_PALETTE_MAX, canonical_json
+from ditq.prompts.texts import quoted_strings, requested_texts
 from ditq.prompts.validate import check_caption
+
+__all__ = ["TemplateExpander", "guess_medium", "quoted_strings", "requested_texts"]
 
 Box = list[int]  # [y_min, x_min, y_max, x_max] on the 0-1000 grid
 
@@ -94,13 +98,6 @@ _MEDIUM_KEYWORDS = (
     (("typography", "lettering", "calligraphy"), "typographic design", "stack"),
     (("photo", "photograph", "shot", "portrait", "snapshot"), "photograph", "scene"),
 )
-
-_QUOTED = re.compile(r"\"([^\"]+)\"|“([^”]+)”|«([^»]+)»|「([^」]+)」")
-
-
-def quoted_strings(prompt: str) -> list[str]:
-    """Strings the prompt puts in double, curly, angle or corner quotes: the exact text to render."""
-    return [next(g for g in match.groups() if g) for match in _QUOTED.finditer(prompt)]
 
 
 def guess_medium(prompt: str, has_text: bool) -> tuple[str, str]:
@@ -188,7 +185,7 @@ class TemplateExpander:
     def caption(self, record: PromptRecord) -> dict[str, Any]:
         """The caption as an ordered dict (not yet validated)."""
         get = record.get
-        texts = list(record.texts) or quoted_strings(record.prompt)
+        texts = list(record.texts) or requested_texts(record.prompt)
         medium, guessed_layout = guess_medium(record.prompt, bool(texts))
         medium = get("medium") or medium
         layout_name = get("layout") or guessed_layout
