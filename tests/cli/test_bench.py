@@ -7,6 +7,8 @@ import json
 from ditq.cli import main
 
 SECTIONS = (
+    "Data notes",
+    "Unavailable metrics",
     "Variant table",
     "Headline comparisons",
     "Paired differences",
@@ -50,7 +52,30 @@ def test_bench_tiny_end_to_end(tiny_fp8_dir, tmp_path, capsys):
     # The blocked check ran on every image (the tiny model's noise is never the placeholder).
     assert metrics["blocked"]["rows"] == 16 and metrics["blocked"]["flagged"] == 0
     md = (out / "run" / "report" / "report.md").read_text()
-    assert "| int8 − fp8: clip_score | unavailable:" in md  # headline rows, named, even when unavailable
+    assert "| int8 − fp8: clip_score | unavailable |" in md  # headline rows, named, even when unavailable
+    # The report for a reader: title, each unavailable metric's one-line reason once, the tiny model said.
+    assert md.startswith("# ditq benchmark · suite smoke: fp8 vs int8, q4_k, nf4 (")
+    reason = metrics["clip_score"]["reason"]
+    assert "\n" not in reason and "$DITQ_CLIP_MODEL" in reason and md.count(reason) == 1
+    assert "The reference is ditq's built-in tiny model" in md
+    # Seconds per step after the warm-up, marked as meaningless on the tiny model.
+    header = "s / step tiny model: checks the code path, not a speed"
+    assert f"| {header} |" in md
+    records = [json.loads(line) for line in (out / "run" / "manifest.jsonl").read_text().splitlines()]
+    assert all(len(r["step_s"]) == 2 for r in records) and sum(r["warmup"] for r in records) == 4
+    # Run settings name the hardware from run.json's host.
+    host = json.loads((out / "run" / "run.json").read_text())["host"]
+    assert (
+        f"| Threads (torch, per process) | {host['threads']} |" in md and f"| torch | {host['torch']} |" in md
+    )
+    # fp8 on the Pareto plot (psnr: identical to itself), int8 larger than fp8 on the tiny model: dominated.
+    pareto = md[md.index("## Quality–memory Pareto plot") : md.index("## Per-category text rendering")]
+    assert "| fp8 |" in pareto and "∞ (reference)" in pareto
+    # Grids: both caption modes, difference maps, the caption's text.
+    assert (
+        "one band per caption mode (`json`, `raw`)" in md
+        and "<details><summary>JSON caption of typo-013" in md
+    )
     assert "int8: json − raw, ocr_exact" in md
     assert "Non-dominated in resamples" in md and "Images identical to the reference image" in md
     assert "No image was blocked" in md and "Metric weights: no metric of this run loaded weight files" in md

@@ -25,6 +25,11 @@ VARIANTS = {
 CATEGORIES = ("signage", "poster", "product")
 PICKSCORE_REASON = "PickScore weights are not installed (offline machine)"
 FAST = StatsSettings(n_resamples=400, seed=5)
+# Seconds per denoising step of each variant (after the warm-up); the first step of an image and the warm-up
+# image of each variant are slower, and must not count.
+STEP_SECONDS = {"fp8": 0.50, "int8": 0.45, "q8_0": 0.60, "nf4": 0.90, "q4_k": 0.80}
+HOST = {"cpu": "AMD EPYC 7B13 64-Core Processor", "cpu_flags": "avx2,avx512f,avx512_vnni", "gpu": "NVIDIA H100 80GB HBM3",
+        "threads": 2, "torch": "2.13.0+cu128", "load_avg": [0.42, 0.3, 0.25], "world_size": 1}  # fmt: skip
 
 METRICS = {
     "hpsv2": {"available": True, "reason": None, "higher_is_better": True, "reference": None,
@@ -70,6 +75,9 @@ def write_run(
     reference: str = "fp8",
     scores: bool = True,
     images: bool = True,
+    step_times: bool = True,
+    host: bool = True,
+    tiny: bool = False,
 ) -> Path:
     """A run folder: effects are fixed per variant and mode, prompts vary a lot, seeds a little."""
     root.mkdir(parents=True, exist_ok=True)
@@ -89,7 +97,13 @@ def write_run(
                      for v in variants},
         "reference_variant": reference,
         "ditq_version": "0.1.0",
+        "device": "cuda:0", "dtype": "bfloat16",
     }  # fmt: skip
+    if host:
+        run["host"] = HOST
+    if tiny:
+        run["tiny"] = True
+    timing_rng = np.random.default_rng(1)  # apart from the scores' generator, so scores do not depend on it
     (root / "run.json").write_text(json.dumps(run, indent=1))
     with (root / "prompts.jsonl").open("w") as fh:
         for pid in prompt_ids:
@@ -114,10 +128,18 @@ def write_run(
                         (root / rel).parent.mkdir(parents=True, exist_ok=True)
                         color = (60 + 40 * list(VARIANTS).index(v), 90 + 20 * k % 120, 160 - 60 * raw)
                         _image(color, k + seed).save(root / rel)
-                    manifest.append({"variant": v, "prompt_id": pid, "seed": seed, "caption_mode": mode,
-                                     "category": category[pid], "path": rel, "sha256": "0" * 64,
-                                     "wall_s": 12.5 + VARIANTS[v][3], "peak_mem_bytes": VARIANTS[v][2],
-                                     "device": "NVIDIA H100 80GB HBM3"})  # fmt: skip
+                    record = {"variant": v, "prompt_id": pid, "seed": seed, "caption_mode": mode,
+                              "category": category[pid], "path": rel, "sha256": "0" * 64,
+                              "wall_s": 12.5 + VARIANTS[v][3], "peak_mem_bytes": VARIANTS[v][2],
+                              "device": "cuda:0"}  # fmt: skip
+                    if step_times:
+                        warm = mode == modes[0] and k == 0 and seed == seeds[0]
+                        steps = (
+                            STEP_SECONDS[v] * (1 + 0.05 * timing_rng.standard_normal(20)) * (5 if warm else 1)
+                        )
+                        steps[0] *= 3
+                        record.update(step_s=[round(float(t), 5) for t in steps], warmup=warm)
+                    manifest.append(record)
                     noise = rng.normal(0, 0.002)
                     hps = 0.27 + 0.01 * prompt_level[pid] + shift - 0.01 * raw + noise
                     clip = 0.31 + 0.02 * prompt_level[pid] + 0.5 * shift + rng.normal(0, 0.003)

@@ -58,7 +58,7 @@ def test_build_report_writes_pareto_plot_and_grids(built_report):
     for path in built_report.grids:
         assert path.parent == built_report.out_dir / "grids"
         with Image.open(path) as im:
-            assert im.width == 8 + 5 * (256 + 8)  # five variants side by side
+            assert im.width == 96 + 5 * (256 + 8)  # a label margin, then five variants side by side
         assert f'src="grids/{path.name}"' in built_report.index_html.read_text()
     md = built_report.markdown.read_text()
     assert "p00 · signage · seed 0" in md and "p01 · poster" in md and "p02 · product" in md
@@ -69,14 +69,13 @@ def test_unavailable_metric_shows_reason_and_no_number(built_report):
     rows = md_table(md, "Means over prompts with 95% bootstrap CIs, caption mode `json`")
     assert len(rows) == 5
     for row in rows:
-        assert row["pickscore ↑"] == f"unavailable: {PICKSCORE_REASON}"
+        assert row["pickscore ↑"] == "unavailable"
         assert re.search(r"\d", row["hpsv2 ↑"])
     html = built_report.index_html.read_text()
-    # HTML shows the first clause and keeps the whole reason in the tooltip
+    # HTML draws one cell down the column, with the reason as its tooltip
     cell = re.search(r'<td rowspan="5" class="unavailable" title="([^"]*)">([^<]*)</td>', html)
-    assert cell and cell.group(1) == PICKSCORE_REASON
-    assert cell.group(2).startswith("unavailable: ") and cell.group(2)[13:] in PICKSCORE_REASON
-    assert f"Not compared: pickscore (unavailable: {PICKSCORE_REASON})" in md
+    assert cell and cell.group(1) == PICKSCORE_REASON and cell.group(2) == "unavailable"
+    assert f"| pickscore | preference | {PICKSCORE_REASON} |" in md
     assert "**pickscore" not in md  # no difference table for it
 
 
@@ -118,7 +117,13 @@ def test_ablation_and_text_sections(built_report):
         assert abl[variant]["Differs (Holm)"] == "yes — worse"  # raw captions were built 0.01 lower
         assert float(abl[variant]["Δ"]) == pytest.approx(-0.01, abs=0.003)
     text = md_table(md, "ocr_exact ↑", after="Per-category text rendering")
-    assert set(text[0]) == {"Variant", "poster", "product", "signage", "all"}
+    assert set(text[0]) == {
+        "Variant",
+        "poster (4 prompts)",
+        "product (4 prompts)",
+        "signage (4 prompts)",
+        "all",
+    }
     assert len(text) == 5
 
 
@@ -127,7 +132,7 @@ def test_methods_and_settings(built_report):
     assert "The unit of analysis is the prompt" in md
     assert "from 400 resamples" in md and "seeded with 5" in md
     assert "| Resolution (w × h) | 1024 × 1024 |" in md
-    assert "| Device | NVIDIA H100 80GB HBM3 |" in md
+    assert "| Device (dtype) | cuda:0 (bfloat16) |" in md
     assert "| Seeds | 0, 1 |" in md
 
 
@@ -142,9 +147,10 @@ def test_run_without_reference_variant(tmp_path):
     md = paths.markdown.read_text()
     assert "The run has no reference variant ('fp8'): fidelity vs reference unavailable" in md
     rows = md_table(md, "Means over prompts with 95% bootstrap CIs, caption mode `json`")
+    assert rows[0]["lpips ↓"] == "unavailable"
+    html = paths.index_html.read_text()
     assert (
-        rows[0]["lpips ↓"]
-        == "unavailable: fidelity vs reference unavailable: the run has no reference variant 'fp8'"
+        'title="fidelity vs reference unavailable: the run has no reference variant &#x27;fp8&#x27;"' in html
     )
     assert "| nf4 − int8 |" in md
     assert "No generated images were found" in md

@@ -27,7 +27,7 @@ def blocked_section(analysis: Analysis) -> Section:
     section = Section(TITLE, "blocked")
     info = run.metrics.get(BLOCKED)
     if info is None or not info.available:
-        why = "it is not in metrics.json" if info is None else f"unavailable: {info.reason}"
+        why = "it is not in metrics.json" if info is None else "unavailable: see Unavailable metrics"
         section.add(
             Paragraph(
                 f"The blocked check did not run ({why}), so safety-filter placeholders cannot be told from "

@@ -51,7 +51,16 @@ class Figure:
     caption: str | None = None
 
 
-Block = Paragraph | Table | Figure
+@dataclass
+class Details:
+    """Preformatted text behind a summary line: collapsed in HTML (<details>), a fenced block in Markdown."""
+
+    summary: str
+    text: str
+    lang: str = ""
+
+
+Block = Paragraph | Table | Figure | Details
 
 
 @dataclass
@@ -106,6 +115,11 @@ figure { margin: 12px 0 20px; }
 figure img { max-width: 100%; border: 1px solid #dde1e7; }
 figcaption { color: #5b6472; font-size: 13px; margin-top: 4px; max-width: 100ch; }
 code { background: #f0f2f5; padding: 0 3px; border-radius: 3px; font-size: 12.5px; }
+details { margin: -12px 0 20px; max-width: 120ch; }
+summary { color: #2358b8; cursor: pointer; font-size: 13px; }
+pre { background: #f6f7f9; border: 1px solid #dde1e7; padding: 8px; font-size: 12px; overflow-x: auto;
+      white-space: pre-wrap; }
+th .sub { color: #5b6472; font-size: 11px; font-weight: normal; }
 .note { color: #5b6472; }
 """.strip()
 
@@ -148,6 +162,11 @@ def _html_block(block: Block) -> str:
     if isinstance(block, Paragraph):
         css = f' class="{block.css}"' if block.css else ""
         return f"<p{css}>{_inline_html(block.text)}</p>"
+    if isinstance(block, Details):
+        return (
+            f"<details><summary>{_inline_html(block.summary)}</summary>"
+            f"<pre>{html.escape(block.text)}</pre></details>"
+        )
     if isinstance(block, Figure):
         caption = f"<figcaption>{_inline_html(block.caption)}</figcaption>" if block.caption else ""
         return (
@@ -196,6 +215,8 @@ def _md_cell(value: str | Cell) -> str:
 def _md_block(block: Block) -> str:
     if isinstance(block, Paragraph):
         return block.text
+    if isinstance(block, Details):
+        return f"<details><summary>{html.escape(block.summary)}</summary>\n\n```{block.lang}\n{block.text}\n```\n\n</details>"
     if isinstance(block, Figure):
         image = f"![{block.alt}]({block.src})"
         return f"{image}\n\n{block.caption}" if block.caption else image

@@ -54,15 +54,11 @@ def ci_cell(value: BootstrapCI | Missing) -> Cell:
 
 
 def missing_cell(missing: Missing, *, span: bool = False) -> Cell:
-    """The reason in short (first clause) with the whole reason as the cell's title."""
+    """ "unavailable", with the reason as the HTML tooltip: the report lists each metric's reason once, under
+    Unavailable metrics, instead of in every cell."""
     if missing.kind != "unavailable":
         return Cell(missing.text, span=span)
-    short = missing.reason.split(";")[0].split(" (")[0]
-    if len(short) > 70:
-        short = short[:67] + "..."
-    return Cell(
-        f"unavailable: {short}", title=missing.reason, css="unavailable", span=span, md_text=missing.text
-    )
+    return Cell("unavailable", title=missing.reason, css="unavailable", span=span)
 
 
 def size_text(n: float) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +138,11 @@ class RunData:
     scores: ScoreTable
     missing_images: list[str] = field(default_factory=list)
     image_size: tuple[int, int] | None = None  # (height, width) of the generated images, when known
+    host: dict[str, Any] = field(
+        default_factory=dict
+    )  # run.json "host": cpu, gpu, threads, torch, load_avg...
+    tiny: bool = False  # the reference is the built-in tiny model (random weights)
+    date: str | None = None  # YYYY-MM-DD the last image was recorded (manifest.jsonl, else run.json, mtime)
 
 
 def _read_json(path: Path) -> Any:
@@ -345,7 +351,15 @@ def load_run(run_dir: str | Path) -> RunData:
             f"{root / 'metrics.json'}: no entry for metric(s) {', '.join(sorted(set(unknown)))} found in scores.csv"
         )
     known = {"suite", "prompt_ids", "seeds", "caption_modes", "settings", "variants", "reference_variant"}
+    known |= {"ditq_version", "host", "tiny"}
+    host = run.get("host")
+    if host is not None and not isinstance(host, dict):
+        raise RunFolderError(f"{run_path}: field 'host' must be an object {{cpu, gpu, threads, ...}}")
+    dated = manifest_path if manifest_path.is_file() else run_path
     return RunData(
+        host=dict(host or {}),
+        tiny=run.get("tiny") is True,
+        date=time.strftime("%Y-%m-%d", time.localtime(dated.stat().st_mtime)),
         image_size=_image_size(root, run.get("settings") or {}, manifest),
         root=root,
         suite=None if run.get("suite") is None else str(run["suite"]),
@@ -356,7 +370,7 @@ def load_run(run_dir: str | Path) -> RunData:
         variants=variants,
         reference_variant=run.get("reference_variant"),
         ditq_version=None if run.get("ditq_version") is None else str(run["ditq_version"]),
-        extra={k: v for k, v in run.items() if k not in known | {"ditq_version"}},
+        extra={k: v for k, v in run.items() if k not in known},
         prompts=prompts,
         manifest=manifest,
         metrics=metrics,

@@ -127,15 +127,40 @@ def _place_labels(
         )  # fmt: skip
 
 
+def _draw_off_scale(ax, x: np.ndarray, labels: list[str], higher_is_better: bool) -> None:
+    """Reference points whose ideal value is off the scale: a star on the plot's best edge, with a dashed line
+    down (or up) through the data at the same memory."""
+    from matplotlib.transforms import blended_transform_factory
+
+    edge = 1.0 if higher_is_better else 0.0
+    blend = blended_transform_factory(ax.transData, ax.transAxes)
+    for xi, label in zip(x, labels, strict=True):
+        ax.axvline(xi, color="#c2410c", linestyle="--", linewidth=1.0, alpha=0.6)
+        ax.plot([xi], [edge], marker="*", markersize=12, color="#c2410c", transform=blend, clip_on=False,
+                label="reference")  # fmt: skip
+        ax.annotate(
+            label, (xi, edge), xycoords=blend, textcoords="offset points", xytext=(8, -12 if edge else 6),
+            fontsize=9, color="#c2410c", ha="left",
+        )  # fmt: skip
+    ax.legend(loc="best", fontsize=9)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ParetoPoint:
-    """One variant on the plot: memory in bytes, quality with its CI (low/high may be NaN)."""
+    """One variant on the plot: memory in bytes, quality with its CI (low/high may be NaN).
+
+    reference: the reference variant, drawn as a star. off_scale: its quality is the ideal of a fidelity metric
+    that would stretch the axis (PSNR of identical images); it counts for the frontier at `quality` but is
+    drawn on the top (or bottom) edge of the plot.
+    """
 
     label: str
     memory_bytes: float
     quality: float
     low: float
     high: float
+    reference: bool = False
+    off_scale: bool = False
 
 
 def plot_pareto(
@@ -161,19 +186,23 @@ def plot_pareto(
     high = np.array([p.high for p in points], dtype=np.float64)
     yerr = np.vstack([np.nan_to_num(q - low, nan=0.0), np.nan_to_num(high - q, nan=0.0)])
 
+    reference = np.array([p.reference for p in points], dtype=bool)
+    off = np.array([p.off_scale for p in points], dtype=bool)
+
     fig = Figure(figsize=(8.0, 5.0), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for mask, color, marker, name in (
-        (~on_front, "#8a94a6", "o", "dominated"),
-        (on_front, "#1f5fbf", "D", "Pareto frontier (non-dominated)"),
+        (~on_front & ~reference, "#8a94a6", "o", "dominated"),
+        (on_front & ~reference, "#1f5fbf", "D", "Pareto frontier (non-dominated)"),
+        (reference & ~off, "#c2410c", "*", "reference"),
     ):
         if mask.any():
             ax.errorbar(
                 mem_gb[mask], q[mask], yerr=yerr[:, mask], fmt=marker, color=color, ecolor=color,
                 elinewidth=1.2, capsize=4, markersize=7, label=name,
             )  # fmt: skip
-    front = np.flatnonzero(on_front)
+    front = np.flatnonzero(on_front & ~off)
     front = front[np.argsort(mem_gb[front], kind="stable")]
     if front.size > 1:
         ax.step(mem_gb[front], q[front], where="post", color="#1f5fbf", alpha=0.5, linewidth=1.5)
@@ -185,8 +214,13 @@ def plot_pareto(
     ax.legend(loc="best", fontsize=9)
     ax.margins(x=0.15, y=0.15)
     fig.tight_layout()
-    labels = [p.label + (" *" if on_front[i] else "") for i, p in enumerate(points)]
-    _place_labels(ax, mem_gb, q, yerr, labels, fontsize=9)
+    if off.any():
+        _draw_off_scale(
+            ax, mem_gb[off], [p.label for p, o in zip(points, off, strict=True) if o], higher_is_better
+        )
+    labels = [p.label + (" *" if on_front[i] else "") for i, p in enumerate(points) if not off[i]]
+    keep = ~off
+    _place_labels(ax, mem_gb[keep], q[keep], yerr[:, keep], labels, fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return on_front

@@ -5,9 +5,6 @@ the unadjusted intervals are shown beside them."""
 
 from __future__ import annotations
 
-import statistics
-from collections import defaultdict
-
 from ditq.report.analysis import Analysis, Comparison, Missing, adjust_family
 from ditq.report.document import Cell, Paragraph, Section, Table
 from ditq.report.formatting import (
@@ -20,7 +17,8 @@ from ditq.report.formatting import (
     metric_header,
     missing_cell,
 )
-from ditq.report.inputs import PSNR_METRICS, MetricInfo
+from ditq.report.inputs import PSNR_METRICS, MetricInfo, RunData
+from ditq.report.timing import speed_cell, speed_header, speed_unit, variant_timings
 from ditq.stats import PairedDifference, bonferroni_confidence_level
 
 VARIANTS = "Variant table"
@@ -37,18 +35,16 @@ def variant_section(analysis: Analysis) -> Section:
     run = analysis.run
     mode = analysis.main_mode
     section = Section(VARIANTS, "variants")
-    wall: dict[str, list[float]] = defaultdict(list)
-    for record in run.manifest:
-        if isinstance(record.get("wall_s"), int | float):
-            wall[str(record.get("variant"))].append(float(record["wall_s"]))
+    timings = variant_timings(run.manifest)
+    unit = speed_unit(timings)
     metrics = ordered_metrics(analysis)
     header: list[str | Cell] = [
         Cell("Variant", title="name, then format"),
         Cell("Disk / transformer", title="bytes on disk of the conditional transformer (GB = 10^9 bytes)"),
         Cell("Resident / transformer", title="resident memory of the conditional transformer once loaded"),
     ]
-    if wall:
-        header.append(Cell("s / image", title="median wall-clock seconds per image, from manifest.jsonl"))
+    if unit:
+        header.append(speed_header(unit, run.tiny))
     header += [metric_header(m) for m in metrics]
     if analysis.block_checked:
         header.append(
@@ -62,8 +58,8 @@ def variant_section(analysis: Analysis) -> Section:
         )
         row: list[str | Cell] = [Cell(name, sub=f"({', '.join(notes)})"), bytes_cell(variant.bytes_on_disk)]
         row.append(bytes_cell(variant.resident_bytes))
-        if wall:
-            row.append(Cell(fmt_num(statistics.median(wall[name])), css="num") if wall[name] else "")
+        if unit:
+            row.append(speed_cell(timings.get(name), unit, timings.get(run.reference_variant or "")))
         for m in metrics:
             value = analysis.mean(name, m.name, mode)
             if isinstance(value, Missing):
@@ -93,6 +89,8 @@ def variant_section(analysis: Analysis) -> Section:
                 "note",
             )
         )
+    if unit:
+        section.add(speed_note(run, unit))
     section.add(identical_note(analysis, mode))
     section.add(
         Paragraph(
@@ -107,6 +105,35 @@ def variant_section(analysis: Analysis) -> Section:
             Paragraph("metrics.json lists no metrics: run `ditq eval RUN` to score the images.", "note")
         )
     return section
+
+
+def speed_note(run: RunData, unit: str) -> Paragraph:
+    """What the speed column measured, and on what machine and load."""
+    what = (
+        "s / step: median seconds per denoising step (both guidance branches' transformer calls), over the "
+        "steps of every image after the warm-up (each process's first image of a variant and each image's "
+        "first step pay one-time costs and are left out); below it the interquartile range."
+        if unit == "step"
+        else "s / image: median wall-clock seconds per image after the warm-up (this run's manifest has no "
+        "per-step times), with the interquartile range."
+    )
+    host = run.host
+    parts = []
+    if host.get("gpu") or host.get("cpu"):
+        parts.append(str(host.get("gpu") or host.get("cpu")))
+    if isinstance(host.get("threads"), int):
+        parts.append(f"{host['threads']} thread(s)")
+    load = host.get("load_avg")
+    if isinstance(load, list) and load:
+        parts.append(f"load average {load[0]:g} when generation started")
+    where = f" Measured on {', '.join(parts)}; other work on the machine slows it." if parts else ""
+    tiny = (
+        " The reference is the built-in tiny model (random weights, 64-pixel images): these times check that "
+        "the code paths run and are no measure of any format's speed on the real model."
+        if run.tiny
+        else ""
+    )
+    return Paragraph(what + where + tiny, "note" if run.tiny else None)
 
 
 def identical_note(analysis: Analysis, mode: str) -> Paragraph:
@@ -238,9 +265,13 @@ def paired_section(analysis: Analysis) -> Section:
             continue
         body = [comparison_row(c, info, label) for label, c in rows]
         section.add(Table(diff_header(analysis, adjusted_level), body, caption=f"{info.name} {arrow(info)}"))
-    unavailable = [f"{i.name} (unavailable: {i.reason})" for i in run.metrics.values() if not i.available]
+    unavailable = [i.name for i in run.metrics.values() if not i.available]
     if unavailable:
-        section.add(Paragraph("Not compared: " + "; ".join(unavailable) + ".", "note"))
+        section.add(
+            Paragraph(
+                f"Not compared: {', '.join(unavailable)} (unavailable, see Unavailable metrics).", "note"
+            )
+        )
     section.add(multiple_comparisons_note(analysis, m, adjusted_level, "paired comparisons"))
     return section
 
@@ -253,23 +284,49 @@ def text_section(analysis: Analysis) -> Section:
     if not text_metrics:
         section.add(Paragraph("metrics.json lists no text-rendering (OCR) metrics for this run.", "note"))
         return section
+    with_text = [pid for pid in run.prompt_ids if run.prompts.get(pid, {}).get("texts")]
     section.add(
         Paragraph(
             f"OCR scores of the text the prompts ask for, per prompt category (caption mode `{mode}`), as means "
-            f"over prompts with {_level(analysis)} bootstrap CIs."
+            f"over prompts with {_level(analysis)} bootstrap CIs; `all` pools every prompt with text "
+            f"({len(with_text)} of the run's {len(run.prompt_ids)} prompts ask for text)."
         )
     )
+    single: set[str] = set()
     for info in text_metrics:
         if not info.available:
-            section.add(Paragraph(f"{info.name}: unavailable: {info.reason}", "note"))
+            section.add(Paragraph(f"{info.name} is unavailable (see Unavailable metrics).", "note"))
             continue
         categories = run.scores.categories(info.name)
-        header: list[str | Cell] = ["Variant", *categories, "all"]
+        counts = {
+            c: max(len(analysis.unit_values(v, info.name, mode, c)) for v in run.variants) for c in categories
+        }
+        single.update(c for c, n in counts.items() if n == 1)
+        header: list[str | Cell] = ["Variant"]
+        header += [Cell(c, sub=f"({counts[c]} prompt{'s' * (counts[c] != 1)})") for c in categories]
+        header.append("all")
         rows = []
         for name in run.variants:
             cells = [ci_cell(analysis.mean(name, info.name, mode, c)) for c in categories]
             rows.append([name, *cells, ci_cell(analysis.mean(name, info.name, mode))])
         section.add(Table(header, rows, caption=f"{info.name} {arrow(info)}"))
+    if single:
+        section.add(
+            Paragraph(
+                f"No interval for {', '.join(sorted(single))}: suite {run.suite or 'of this run'} has one prompt with text "
+                "in each, and an interval needs two; the `all` column pools them. Suite `quick` has 3 prompts "
+                "per category, `full` 30 (`--suite quick`).",
+                "note",
+            )
+        )
+    if run.tiny:
+        section.add(
+            Paragraph(
+                "The tiny model's images are noise, so OCR finds none of the requested text in any variant: "
+                "exact match 0 and edit distance 1 are expected here.",
+                "note",
+            )
+        )
     return section
 
 

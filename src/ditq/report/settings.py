@@ -30,9 +30,10 @@ def settings_section(run: RunData, analysis: Analysis) -> Section:
             rows.append([label, json.dumps(s.pop(key))])
     rows += [[key, json.dumps(value)] for key, value in s.items()]
     rows.append(["Reference variant", run.reference_variant or "none"])
-    devices = sorted({str(r["device"]) for r in run.manifest if r.get("device")})
-    rows.append(["Device", ", ".join(devices) or "not recorded in manifest.jsonl"])
-    rows += [[key, json.dumps(value)] for key, value in run.extra.items()]
+    if run.tiny:
+        rows.append(["Model", "ditq's built-in tiny model (random weights): numbers check code paths only"])
+    rows += hardware_rows(run)
+    rows += [[key, json.dumps(value)] for key, value in run.extra.items() if key not in ("device", "dtype")]
     rows.append(["ditq version (run / report)", f"{run.ditq_version or 'unknown'} / {__version__}"])
     rows.append(["Analysis caption mode", analysis.main_mode])
     section.add(Table(["Setting", "Value"], rows))
@@ -40,6 +41,37 @@ def settings_section(run: RunData, analysis: Analysis) -> Section:
     section.add(Table(["Variant", "Format", "Model"], variants, caption="Variants"))
     section.add(weights_table(run))
     return section
+
+
+def hardware_rows(run: RunData) -> list[list[str | Cell]]:
+    """Device, CPU / GPU, threads, processes, torch and load, from run.json "host" (older runs: the devices of
+    manifest.jsonl and run.json's "device" / "dtype")."""
+    host = run.host
+    devices = sorted({str(r["device"]) for r in run.manifest if r.get("device")})
+    if not devices and run.extra.get("device"):
+        devices = [str(run.extra["device"])]
+    device = ", ".join(devices) or "not recorded"
+    if run.extra.get("dtype"):
+        device += f" ({run.extra['dtype']})"
+    rows: list[list[str | Cell]] = [["Device (dtype)", device]]
+    if host.get("gpu"):
+        rows.append(["GPU", str(host["gpu"])])
+    if host.get("cpu"):
+        flags = str(host.get("cpu_flags") or "")
+        rows.append(
+            ["CPU", Cell(str(host["cpu"]), sub=f"flags: {flags.replace(',', ', ')}" if flags else None)]
+        )
+    for key, label in (("threads", "Threads (torch, per process)"), ("world_size", "Processes (torchrun)")):
+        if isinstance(host.get(key), int):
+            rows.append([label, str(host[key])])
+    if host.get("torch"):
+        rows.append(["torch", str(host["torch"])])
+    load = host.get("load_avg")
+    if isinstance(load, list) and load:
+        rows.append(["Load average at start (1 / 5 / 15 min)", " / ".join(f"{x:g}" for x in load)])
+    if not host:
+        rows.append(["Host", "not recorded (run.json has no host: written before ditq recorded it)"])
+    return rows
 
 
 def weights_table(run: RunData) -> Table | Paragraph:
