@@ -54,7 +54,7 @@ def test_bench_tiny_end_to_end(tiny_fp8_dir, tmp_path, capsys):
     md = (out / "run" / "report" / "report.md").read_text()
     assert "| int8 − fp8: clip_score | unavailable |" in md  # headline rows, named, even when unavailable
     # The report for a reader: title, each unavailable metric's one-line reason once, the tiny model said.
-    assert md.startswith("# ditq benchmark · suite smoke: fp8 vs int8, q4_k, nf4 (")
+    assert md.startswith("# ditq benchmark · suite smoke: fp8 vs int8, nf4, q4_k (")
     reason = metrics["clip_score"]["reason"]
     assert "\n" not in reason and "$DITQ_CLIP_MODEL" in reason and md.count(reason) == 1
     assert "The reference is ditq's built-in tiny model" in md

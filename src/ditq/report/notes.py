@@ -50,7 +50,7 @@ def unavailable_section(run: RunData) -> Section | None:
     if not missing:
         return None
     rows: list[list[str | Cell]] = [
-        [m.name, m.family, _code(m.reason or "no reason recorded in metrics.json")] for m in missing
+        [m.name, m.family, m.reason or "no reason recorded in metrics.json"] for m in missing
     ]
     section = Section(UNAVAILABLE, "unavailable")
     section.add(
@@ -62,14 +62,3 @@ def unavailable_section(run: RunData) -> Section | None:
     )
     section.add(Table(["Metric", "Family", "What would make it available"], rows))
     return section
-
-
-def _code(reason: str) -> str:
-    """Environment variables as code, so they stand out in the line."""
-    words = []
-    for word in reason.split(" "):
-        bare = word.strip("(),;")
-        if bare.startswith("$") and "`" not in word:
-            word = word.replace(bare, f"`{bare}`")
-        words.append(word)
-    return " ".join(words)

@@ -37,7 +37,8 @@ def variant_section(analysis: Analysis) -> Section:
     section = Section(VARIANTS, "variants")
     timings = variant_timings(run.manifest)
     unit = speed_unit(timings)
-    metrics = ordered_metrics(analysis)
+    listed = ordered_metrics(analysis)
+    metrics = [m for m in listed if m.available]  # the others are named once, under Unavailable metrics
     header: list[str | Cell] = [
         Cell("Variant", title="name, then format"),
         Cell("Disk / transformer", title="bytes on disk of the conditional transformer (GB = 10^9 bytes)"),
@@ -100,7 +101,12 @@ def variant_section(analysis: Analysis) -> Section:
             "prompt and seed, so the reference row has no value."
         )
     )
-    if not metrics:
+    hidden = [m.name for m in listed if not m.available]
+    if hidden:
+        section.add(
+            Paragraph(f"Not shown: {', '.join(hidden)} (unavailable, see Unavailable metrics).", "note")
+        )
+    if not listed:
         section.add(
             Paragraph("metrics.json lists no metrics: run `ditq eval RUN` to score the images.", "note")
         )
