@@ -79,7 +79,11 @@ def transformer_inputs(tiny_fp8_dir):
 
 def run(model: nn.Module, inputs: dict, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The transformer's output for recorded inputs (float inputs cast to `dtype` when given)."""
-    kw = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in inputs.items()}
+    cast = dtype is not None
+    kw = {
+        k: v.to(dtype) if cast and torch.is_tensor(v) and v.is_floating_point() else v
+        for k, v in inputs.items()
+    }
     with torch.no_grad():
         return model(**kw, return_dict=False)[0]
 
@@ -91,7 +95,7 @@ def float_reference(model: nn.Module, updates: dict[str, torch.Tensor] | None = 
 
     ref = copy.deepcopy(model)
     for name, layer in list(ref.named_modules()):
-        if not name or not is_linear(layer) or isinstance(layer, nn.Linear) and type(layer) is not nn.Linear:
+        if not name or not is_linear(layer):
             continue
         if isinstance(layer, nn.Linear):
             w = layer.weight.detach().double()

@@ -79,14 +79,14 @@ def _list(keys: Sequence[str]) -> str:
 
 def recorded_frames(target, branch: str) -> dict[str, LayerFrame] | None:
     """Frames of a transformer loaded by `ditq.load_pipeline` from an INT8 folder with folded SmoothQuant,
-    built from its record and its `smoothing.safetensors`; None when it has no folded group or no vectors."""
+    built from its record and the folder's `smoothing.safetensors`; None without folded groups or vectors."""
     from ditq.models.loading import pipeline_info
 
     info = pipeline_info(target, default=None) if not isinstance(target, nn.Module) else None
     groups = _recorded_groups(info, branch)
     if not groups or not affected_layers(groups) or info.folder is None:
         return None
-    vectors = read_smoothing(Path(info.folder) / branch)
+    vectors = read_smoothing(info.folder, branch)
     return None if vectors is None else smoothing_frames(groups, vectors)
 
 

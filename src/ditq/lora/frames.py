@@ -15,8 +15,10 @@ smoothing applied inside the layer (`Int8Linear.smoothing`) compute in the refer
 folder's `ditq.json`: `summary[<transformer>]["recipe"]["groups"]`, group name -> {"mode", "fold"}) and the
 smoothing vector s [K] of each folded group. The group names are those of `ditq.quant.int8.smoothquant.smooth_groups`
 (`layers.{i}.attention.qkv`, `layers.{i}.attention.o`, `layers.{i}.feed_forward.w1+w3`, `layers.{i}.feed_forward.w2`,
-`llm_cond_proj`). Folders do not record s yet: `read_smoothing` reads `smoothing.safetensors` (one float32 tensor s
-[K] per folded group, named by group) from a transformer folder when a writer puts it there.
+`llm_cond_proj`). Folders do not record s yet: `read_smoothing` reads `smoothing.safetensors` at the pipeline
+folder's top level (one float32 tensor s [K] per folded group, named `<transformer>.<group>`, e.g.
+`transformer.layers.0.attention.qkv`) when a writer puts it there. It is not inside the transformer folders, whose
+every `*.safetensors` file the loader reads as weights.
 """
 
 from __future__ import annotations
@@ -81,12 +83,13 @@ def affected_layers(groups: Mapping[str, Mapping]) -> dict[str, str]:
 def smoothing_frames(
     groups: Mapping[str, Mapping], vectors: Mapping[str, torch.Tensor]
 ) -> dict[str, LayerFrame]:
-    """{layer: LayerFrame} of a transformer from its folded groups and their smoothing vectors s [K]."""
+    """{layer: LayerFrame} of a transformer from its folded groups and their smoothing vectors s [K]; the layers
+    of a folded group without a vector get no frame (`ditq.lora.apply_lora` refuses a LoRA on them)."""
     inputs: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
     for name, fold in folded_groups(groups).items():
         if name not in vectors:
-            raise CheckpointError(f"smoothing group {name} is folded but no smoothing vector is given for it")
+            continue
         s = vectors[name].detach().float().reshape(-1)
         if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
             raise CheckpointError(f"smoothing vector of {name} holds values that are not finite and positive")
@@ -98,15 +101,17 @@ def smoothing_frames(
     return {n: LayerFrame(inputs.get(n), outputs.get(n)) for n in sorted(set(inputs) | set(outputs))}
 
 
-def read_smoothing(component: str | Path) -> dict[str, torch.Tensor] | None:
-    """The smoothing vectors stored beside an INT8 transformer (`smoothing.safetensors`), None when absent."""
+def read_smoothing(folder: str | Path, transformer: str) -> dict[str, torch.Tensor] | None:
+    """{group: s} of one transformer from a pipeline folder's `smoothing.safetensors`, None when absent."""
     from ditq.io.safetensors_io import TensorSource
 
-    path = Path(component) / SMOOTHING_FILE
+    path = Path(folder) / SMOOTHING_FILE
     if not path.is_file():
         return None
     src = TensorSource(path)
     try:
-        return {k: src.get(k).float() for k in src.keys()}
+        prefix = transformer + "."
+        found = {k[len(prefix) :]: src.get(k).float() for k in src.keys() if k.startswith(prefix)}
+        return found or None
     finally:
         src.close()
