@@ -12,11 +12,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "report",
         help="write the HTML/Markdown benchmark report of a run folder",
-        description="Write RUN/report/index.html and report.md: variant table with bootstrap CIs, headline "
-        "comparisons, paired differences (verdicts from Holm step-down intervals), blocked images and block "
-        "rates, quality-memory Pareto plot with each variant's share of resamples on the frontier, "
-        "per-category text rendering, caption ablation, image grids, run settings with the metric weights' "
-        "sha256, and methods.",
+        description="Write RUN/report/index.html and report.md: data notes, the unavailable metrics (each once, "
+        "with what makes it available), variant table with bootstrap CIs and seconds per denoising step after "
+        "the warm-up, headline comparisons, paired differences (verdicts from Holm step-down intervals), "
+        "blocked images and block rates, quality-memory Pareto plot with the reference and each variant's "
+        "share of resamples on the frontier, per-category text rendering, caption ablation, image grids "
+        "(every caption mode, difference maps against the reference, the caption text), run settings with "
+        "the hardware and the metric weights' sha256, and methods.",
     )
     p.add_argument("run", metavar="RUN", help="run folder written by `ditq run` and scored by `ditq eval`")
     p.add_argument("-o", "--out", metavar="DIR", default=None, help="output folder (default: RUN/report)")
