@@ -10,8 +10,8 @@ stable-diffusion.cpp `docs/int8_convrot.md`)::
 
 H_G is symmetric and orthogonal (H_G H_G = I), so the same product undoes it: W = W_rot R. At run time the loaders
 rotate activations instead, `y = (x R) W_rot^T = x W^T`, and quantize the rotated activations per token.
-`ConvRotInt8Linear` (an `Int8Linear`) does exactly that, so a ConvRot file computes in ditq as it does
-in ComfyUI and stable-diffusion.cpp.
+`Int8Linear(convrot_group=G)` does exactly that (comfy-kitchen's fused rotation + quantization on CUDA), so a
+ConvRot file computes in ditq as it does in ComfyUI and stable-diffusion.cpp; `ConvRotInt8Linear` is that layer.
 """
 
 from __future__ import annotations
@@ -75,11 +75,17 @@ def dequantize_convrot(q: torch.Tensor, scale: torch.Tensor, group_size: int) ->
     return rotate(q.float() * s, group_size)
 
 
-class ConvRotInt8Linear(Int8Linear):
-    """W8A8 Linear over a ConvRot-rotated int8 weight [N, K]: each token's input is rotated (x R), then quantized.
+def check_group(group_size: int, in_features: int) -> None:
+    """A ConvRot group size must be a power of 4 dividing the layer's input features."""
+    if not is_power_of_four(group_size):
+        raise CheckpointError(f"ConvRot group size {group_size} is not a power of 4 (4, 16, 64, 256, ...)")
+    if in_features % group_size:
+        raise CheckpointError(f"ConvRot group size {group_size} does not divide in_features {in_features}")
 
-    `weight` / `qweight_t` hold the stored rotated weight; `dequantized_weight()` returns it in the original basis.
-    """
+
+class ConvRotInt8Linear(Int8Linear):
+    """An `Int8Linear` over a ConvRot-rotated int8 weight [N, K] (`convrot_group` = `group_size`): each token's
+    input is rotated (x R), then quantized; `dequantized_weight()` returns the weight in the original basis."""
 
     def __init__(
         self,
@@ -90,24 +96,10 @@ class ConvRotInt8Linear(Int8Linear):
         kernel: str = "auto",
         compute_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(qweight, weight_scale, bias, kernel=kernel, compute_dtype=compute_dtype)
-        if not is_power_of_four(group_size):
-            raise CheckpointError(
-                f"ConvRot group size {group_size} is not a power of 4 (4, 16, 64, 256, ...)"
-            )
-        if self.in_features % group_size:
-            raise CheckpointError(
-                f"ConvRot group size {group_size} does not divide in_features {self.in_features}"
-            )
-        self.group_size = group_size
-
-    def dequantized_weight(self, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-        return rotate(super().dequantized_weight(torch.float32), self.group_size).to(
-            dtype or self.compute_dtype
+        super().__init__(
+            qweight, weight_scale, bias, kernel=kernel, compute_dtype=compute_dtype, convrot_group=group_size
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(rotate(x.float(), self.group_size)).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, convrot_groupsize={self.group_size}"
+    @property
+    def group_size(self) -> int:
+        return self.convrot_group

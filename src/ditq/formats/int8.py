@@ -27,15 +27,7 @@ import torch
 
 from ditq.errors import CheckpointError, ConfigError
 from ditq.formats.base import LinearFormat, QuantizedLinear, register_format
-from ditq.formats.int8_ops import (
-    KERNELS,
-    int8_matmul,
-    numba_available,
-    numba_w8a8,
-    quantize_per_token,
-    quantize_weight_per_channel,
-    rescale,
-)
+from ditq.formats.int8_ops import KERNELS, int8_linear, quantize_weight_per_channel
 
 COMFY_FORMAT = "int8_tensorwise"
 MARKER = {"format": COMFY_FORMAT}
@@ -72,11 +64,12 @@ def weight_bytes(out_features: int, in_features: int) -> int:
 
 
 class Int8Linear(QuantizedLinear):
-    """A Linear computing `x @ W.T + b` in W8A8.
+    """A Linear computing `x @ W.T + b` in W8A8 (`ditq::int8_linear`: comfy-kitchen on CUDA, ditq's kernels on CPU).
 
-    Storage: `qweight_t` int8 [K, N] (the transposed weight, contiguous: the layout `torch._int_mm` is fastest
-    with), `weight_scale` fp32 [N], `inv_smooth` fp32 [K] or None (1 / smoothing vector); the bias is a parameter
-    in the compute dtype, applied in float32.
+    Storage: `weight` int8 [N, K] (the file's and comfy-kitchen's layout), `weight_scale` fp32 [N], `inv_smooth`
+    fp32 [K] or None (1 / a smoothing vector applied to the input); the bias is a parameter in the compute dtype.
+    `convrot_group` > 0 marks a ConvRot weight stored in the block-Hadamard-rotated basis: each token's input is
+    rotated before it is quantized (ComfyUI's and stable-diffusion.cpp's `int8_convrot`).
     """
 
     def __init__(
@@ -87,6 +80,7 @@ class Int8Linear(QuantizedLinear):
         smooth: torch.Tensor | None = None,
         kernel: str = "auto",
         compute_dtype: torch.dtype | None = None,
+        convrot_group: int = 0,
     ) -> None:
         if qweight.dtype != torch.int8 or qweight.ndim != 2:
             raise CheckpointError(
@@ -104,10 +98,15 @@ class Int8Linear(QuantizedLinear):
             )
         if smooth is not None and smooth.numel() != k:
             raise ConfigError(f"smoothing vector has {smooth.numel()} values, expected in_features={k}")
+        if convrot_group:
+            from ditq.formats.convrot import check_group
+
+            check_group(convrot_group, k)
         default = bias.dtype if bias is not None and bias.is_floating_point() else torch.bfloat16
         super().__init__(k, n, compute_dtype or default)
         self.kernel = kernel
-        self.store("qweight_t", qweight.t().contiguous())
+        self.convrot_group = int(convrot_group)
+        self.store("weight", qweight.contiguous())
         self.store("weight_scale", scale.contiguous())
         self.set_bias(bias)
         inv = None if smooth is None else (1.0 / smooth.float().reshape(-1)).contiguous()
@@ -127,50 +126,40 @@ class Int8Linear(QuantizedLinear):
         return cls(q, scale, bias, smooth, kernel, compute_dtype)
 
     @property
-    def weight(self) -> torch.Tensor:
-        """The int8 weight [N, K] (a transposed view of `qweight_t`)."""
-        return self.qweight_t.t()
+    def qweight_t(self) -> torch.Tensor:
+        """The int8 weight transposed, [K, N] (a view)."""
+        return self.weight.t()
 
     @property
     def scales(self) -> torch.Tensor:
         """fp32 [N]: one scale per output row."""
-        return self.stored("weight_scale")
+        return self.weight_scale
 
     @property
     def smoothing(self) -> torch.Tensor | None:
         """fp32 [K]: 1 / the smoothing vector applied to the input, or None."""
-        return self.stored("inv_smooth")
+        return self.inv_smooth
 
     def dequantized_weight(self, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-        """The weight [N, K] this layer applies to its (unsmoothed) input."""
-        w = self.qweight_t.t().float() * self.scales[:, None]
+        """The weight [N, K] this layer applies to its (unsmoothed, unrotated) input."""
+        w = self.weight.float() * self.scales[:, None]
+        if self.convrot_group:
+            from ditq.formats.convrot import rotate
+
+            w = rotate(w, self.convrot_group)
         if self.smoothing is not None:
             w = w * self.smoothing[None, :]
         return w.to(dtype or self.compute_dtype)
 
-    def _backend(self, x2: torch.Tensor) -> str:
-        if self.kernel != "auto":
-            return self.kernel
-        return "numba" if numba_available(x2) else "torch"
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] == 0:
-            return x.new_zeros(*shape[:-1], self.out_features)
-        backend = self._backend(x2)
-        bias = self.bias_as(torch.float32)
-        if backend == "numba" and x2.device.type == "cpu" and x2.dtype in (torch.bfloat16, torch.float32):
-            y = numba_w8a8(x2, self.qweight_t, self.scales, bias, self.smoothing)
-        else:
-            xq, xs = quantize_per_token(x2, self.smoothing)
-            acc = int8_matmul(xq, self.qweight_t, "dequant" if backend == "dequant" else "auto")
-            y = rescale(acc, xs, self.scales, bias, x.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+        return int8_linear(
+            x, self.weight, self.scales, self.bias, self.smoothing, self.convrot_group, self.kernel
+        )
 
     def extra_repr(self) -> str:
-        smooth = ", smoothed" if self.inv_smooth is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, w8a8{smooth}, kernel={self.kernel}"
+        extra = ", smoothed" if self.inv_smooth is not None else ""
+        extra += f", convrot_groupsize={self.convrot_group}" if self.convrot_group else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, w8a8{extra}, kernel={self.kernel}"
 
 
 def _check_marker(tensors: dict[str, torch.Tensor]) -> int | None:

@@ -10,18 +10,24 @@ For a token x [K] and output channel n with weight row w_n [K]::
 `s` [K] is an optional smoothing vector (SmoothQuant) for layers whose smoothing cannot be folded into a
 neighbouring weight; it is fused into the activation quantization (the stored weight is then `w · s`).
 
-Backends, chosen per call:
-- `numba` (CPU, bf16/fp32 input): one-pass quantization and rescale kernels around `torch._int_mm`.
-- `torch` (any device with `_int_mm`): the same arithmetic with torch ops; CUDA operands are zero-padded to the
-  shapes cuBLASLt accepts (M > 16, K and N multiples of 8).
-- `dequant`: where no int8 GEMM exists, the int32 sums are computed exactly with float32 GEMMs over K-chunks of
-  1024 (every partial sum < 2**24), so the result equals `_int_mm`'s bit for bit. Logged once per device type.
-All three give identical outputs; the tests check it.
+On CUDA, `ditq::int8_linear` is comfy-kitchen's fused kernel (per-token quantization, an int8 GEMM with the rescale
+and bias in its epilogue; ConvRot's rotation fused into the quantizer). On the CPU it is ditq's own:
+- the memory-bound halves (per-token quantization, int32 -> float rescale) run as one-pass numba kernels on large
+  bf16 / fp32 inputs (`numba`), as torch ops otherwise (`torch`);
+- the int32 sums come from `torch._int_mm`, or, where that is slower, from float32 GEMMs over K-chunks of 1024
+  (every partial sum < 2**24, so the result is exact and equal to `_int_mm`'s bit for bit). Which one `auto` uses is
+  measured once per process (`cpu_gemm()`): on CPUs without VNNI / AMX, `_int_mm` runs 10 to 100 times slower than
+  float32 (measured on an AVX2-only EPYC: 27 s against 0.9 s for 1024x4608 @ 4608x4608).
+Every backend gives identical outputs; the tests check it. The op has a fake implementation, so models run under
+`FakeTensorMode` (memory simulation) and compile with `torch.compile(fullgraph=True)`.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -82,7 +88,17 @@ def quantize_per_token(
     x: torch.Tensor, inv_smooth: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations [M, K] (times `inv_smooth` [K]) -> (int8 [M, K], fp32 scale [M])."""
+    _count("quantize")
     return quantize_rows(x, inv_smooth)
+
+
+# How often each piece ran (activation quantizations, INT8 linear calls): what the tests count to show that a
+# fused projection quantizes its input once.
+CALLS: Counter[str] = Counter()
+
+
+def _count(what: str) -> None:
+    CALLS[what] += 1
 
 
 def exact_int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -136,8 +152,42 @@ def _numba_kernels():
     return _kernels
 
 
+@dataclass(frozen=True)
+class GemmChoice:
+    """Which int32 GEMM the CPU path uses, and the measurement that chose it."""
+
+    gemm: str  # "int_mm" or "float"
+    reason: str
+    int_mm_ms: float | None = None
+    float_ms: float | None = None
+
+
+@cache
+def cpu_gemm() -> GemmChoice:
+    """Time `torch._int_mm` against the exact float32 path once (256 x 1024 @ 1024 x 1024, best of 3) and keep the
+    faster; logged, and recorded by runs and benchmarks."""
+    if not _int_mm_works("cpu"):
+        return GemmChoice("float", "torch._int_mm does not run on this CPU")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (256, 1024), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (1024, 1024), dtype=torch.int8, generator=g).t()
+    times = {}
+    for name, fn in (("int_mm", torch._int_mm), ("float", exact_int_matmul)):
+        fn(a, b)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn(a, b)
+            best = min(best, time.perf_counter() - t0)
+        times[name] = best * 1e3
+    gemm = "int_mm" if times["int_mm"] <= times["float"] else "float"
+    reason = f"measured 256x1024@1024x1024: torch._int_mm {times['int_mm']:.2f} ms, exact float32 {times['float']:.2f} ms"
+    log.info("INT8 CPU GEMM: %s (%s)", gemm, reason)
+    return GemmChoice(gemm, reason, times["int_mm"], times["float"])
+
+
 def int8_matmul(a: torch.Tensor, b: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
-    """int8 [M, K] @ int8 [K, N] -> int32 [M, N], exact on every backend."""
+    """int8 [M, K] @ int8 [K, N] -> int32 [M, N], exact on every backend (`b` may be a transposed view)."""
     dev = a.device.type
     if kernel == "dequant" or not _int_mm_works(dev):
         return exact_int_matmul(a, b)
@@ -145,6 +195,8 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, kernel: str = "auto") -> torch
         m, n = a.shape[0], b.shape[1]
         ap, bp = pad_for_int_mm(a, b, **CUDA_ALIGNMENT)
         return torch._int_mm(ap, bp)[:m, :n]
+    if kernel == "auto" and cpu_gemm().gemm == "float":
+        return exact_int_matmul(a, b)
     return torch._int_mm(a.contiguous(), b)
 
 
@@ -164,17 +216,18 @@ def rescale(
 
 def numba_w8a8(
     x2: torch.Tensor,
-    qweight_t: torch.Tensor,
+    weight: torch.Tensor,
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
     inv_smooth: torch.Tensor | None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
-    """W8A8 of CPU activations [M, K] (bf16 or fp32) with the numba kernels: quantize per token, `_int_mm` (or the
-    exact float path), rescale; returns [M, N] in x2's dtype. `bias` and `inv_smooth` are float32."""
+    """W8A8 of CPU activations [M, K] (bf16 or fp32) with the numba kernels: quantize per token, the int32 GEMM
+    against `weight` int8 [N, K], rescale; returns [M, N] in x2's dtype. `bias` and `inv_smooth` are float32."""
     kern = _numba_kernels()
     x2 = x2.contiguous()
     m, k = x2.shape
-    n = qweight_t.shape[1]
+    n = weight.shape[0]
     inv_smooth = inv_smooth if inv_smooth is not None else _ones(k)
     xq = torch.empty(m, k, dtype=torch.int8)
     xs = torch.empty(m, dtype=torch.float32)
@@ -184,7 +237,8 @@ def numba_w8a8(
         )
     else:
         kern.quantize_rows_f32(x2.numpy(), inv_smooth.numpy(), xq.numpy(), xs.numpy(), 0)
-    acc = torch._int_mm(xq, qweight_t) if _int_mm_works("cpu") else exact_int_matmul(xq, qweight_t)
+    _count("quantize")
+    acc = int8_matmul(xq, weight.t(), "dequant" if kernel == "dequant" else "auto")
     bias = bias if bias is not None else _zeros(n)
     comp = _zeros_i32(n)
     out = torch.empty(m, n, dtype=x2.dtype)
@@ -220,3 +274,67 @@ def _zeros(n: int) -> torch.Tensor:
 @cache
 def _zeros_i32(n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.int32)
+
+
+def _cpu_int8_linear(x2, weight, weight_scale, bias, inv_smooth, kernel: str) -> torch.Tensor:
+    """The CPU W8A8 linear of 2-D activations (bf16 / fp32), bias in float32."""
+    big = (
+        x2.numel() >= NUMBA_MIN_ELEMENTS
+    )  # below ~256k elements the numba thread pool costs more than it saves
+    wanted = kernel == "numba" or (kernel == "auto" and big)
+    if wanted and x2.dtype in (torch.bfloat16, torch.float32) and _numba_kernels() is not None:
+        return numba_w8a8(x2, weight, weight_scale, bias, inv_smooth, kernel)
+    xq, xs = quantize_per_token(x2, inv_smooth)
+    gemm = "dequant" if kernel == "dequant" else "auto" if kernel != "torch" else "int_mm"
+    acc = int8_matmul(xq, weight.t(), gemm)
+    return rescale(acc, xs, weight_scale, bias, x2.dtype)
+
+
+@torch.library.custom_op("ditq::int8_linear", mutates_args=())
+def int8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    inv_smooth: torch.Tensor | None,
+    convrot_group: int,
+    kernel: str,
+) -> torch.Tensor:
+    """W8A8 linear: x [..., K] (bf16 / fp32) against weight int8 [N, K] with fp32 row scales [N] -> [..., N] in
+    x's dtype. `inv_smooth` [K] multiplies x before quantization; `convrot_group` > 0 rotates x by the block
+    Hadamard of that size first (ConvRot files). CPU implementation (see the module docstring)."""
+    _count("int8_linear")
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.shape[0] == 0:
+        return x.new_zeros(*shape[:-1], weight.shape[0])
+    if convrot_group:
+        from ditq.formats.convrot import rotate
+
+        x2 = rotate(x2.float(), convrot_group)
+    y = _cpu_int8_linear(x2, weight, weight_scale, None if bias is None else bias.float(), inv_smooth, kernel)
+    return y.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
+
+
+@int8_linear.register_kernel("cuda")
+def _int8_linear_cuda(x, weight, weight_scale, bias, inv_smooth, convrot_group, kernel):
+    """comfy-kitchen's fused INT8 linear (its CUDA backend, else Triton, else its eager reference)."""
+    import comfy_kitchen as ck
+
+    _count("int8_linear")
+    if inv_smooth is not None:
+        x = x * inv_smooth.to(x.dtype)
+    return ck.int8_linear(
+        x,
+        weight,
+        weight_scale,
+        None if bias is None else bias.to(x.dtype),
+        out_dtype=x.dtype,
+        convrot=convrot_group > 0,
+        convrot_groupsize=convrot_group or 256,
+    )
+
+
+@int8_linear.register_fake
+def _int8_linear_fake(x, weight, weight_scale, bias, inv_smooth, convrot_group, kernel):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
