@@ -23,7 +23,10 @@ VARIANTS = {
     "q4_k": ("gguf", 5_010_000_000, 5_050_000_000, -0.012, 0.15),
 }
 CATEGORIES = ("signage", "poster", "product")
-PICKSCORE_REASON = "PickScore weights are not installed (offline machine)"
+PICKSCORE_REASON = (
+    "needs `hf download yuvalkirstain/PickScore_v1` and `hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K` "
+    "(or $DITQ_PICKSCORE_MODEL, $DITQ_PICKSCORE_PROCESSOR)"
+)
 FAST = StatsSettings(n_resamples=400, seed=5)
 # Seconds per denoising step of each variant (after the warm-up); the first step of an image and the warm-up
 # image of each variant are slower, and must not count.
