@@ -195,6 +195,9 @@ def load_transformer(
         model = Ideogram4Transformer2DModel.from_config(config)
     source = open_weights(folder)
     counts = load_into(model, source, dtype, device, linear_options=linear_options)
+    from ditq.formats.fused import fuse_int8_projections_
+
+    fuse_int8_projections_(model)  # q/k/v and w1/w3 of INT8 layers: one quantization, one GEMM
     return model.eval(), counts
 
 

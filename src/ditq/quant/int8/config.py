@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ditq.errors import ConfigError
+from ditq.formats.fused import fuse_int8_projections_
 from ditq.formats.int8 import KERNELS, Int8Linear
 from ditq.formats.keys import fused_module_name
 from ditq.quant.api import QuantizationRecord, register_quantize_handler
@@ -292,6 +293,7 @@ def _quantize_w8a8(model, config: Int8W8A8Config, filter_fn, *, stats=None, tran
         for g in smooth_groups(mods)
     ]
     kept = apply_decisions_(model, decisions, mods, protected, config.kernel, skipped, _reasons(mods, config))
+    fuse_int8_projections_(model)
     return _record(config, decisions, kept, mods, None)
 
 
@@ -327,6 +329,7 @@ def _quantize_smoothquant(model, config: SmoothQuantConfig, filter_fn, *, stats=
         log.debug("%s: %s", g.name, decisions[-1].summary())
     reasons = _reasons(mods, config.base)
     kept = apply_decisions_(model, decisions, mods, protected, config.base.kernel, skipped, reasons)
+    fuse_int8_projections_(model)
     return _record(config, decisions, kept, mods, stats)
 
 
