@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ditq.formats.convrot import ConvRotInt8Linear, quantize_convrot, rotate
-from ditq.lora import LayerFrame, apply_lora, read_lora, set_lora_strength, unload_lora
+from ditq.lora import LayerFrame, apply_lora, read_lora, set_branch_kernel, set_lora_strength, unload_lora
 
 U = 2.0**-8
 K, N = 512, 192
@@ -122,13 +122,15 @@ def _fused_reference(loras: list[tuple[dict, float]]) -> tuple[torch.Tensor, tor
     return torch.cat(a), torch.cat(sb, dim=1)
 
 
+@pytest.mark.parametrize("kernel", ["torch", "numba"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_branch_matches_float64_reference_within_the_format_error(fmt):
+def test_branch_matches_float64_reference_within_the_format_error(fmt, kernel):
     w, b, x = _weights()
     model = Holder(make_layer(fmt, w, b))
     loras = [(_lora(4, 0, alpha=2.0), 0.7), (_lora(8, 1), -1.3), (_lora(16, 2, alpha=24.0), 0.4)]
     for i, (state, strength) in enumerate(loras):
         apply_lora(model, read_lora(state, name=f"l{i}"), strength)
+    assert set_branch_kernel(model, kernel) == 1
     assert model.proj.lora.lora_A.shape == (28, K) and model.proj.lora.lora_B.shape == (N, 28)
     with torch.no_grad():
         y = model(x).double().reshape(-1, N)
@@ -198,11 +200,18 @@ def test_several_loras_run_as_one_low_rank_matmul_on_the_layer_input(fmt):
             model(x)
         for i in range(4):
             apply_lora(model, read_lora(_lora(16, 10 + i), name=f"l{i}"), 0.5 + i)
+        set_branch_kernel(model, "torch")
         with _CountMatmuls() as with_lora:
+            model(x)
+        set_branch_kernel(model, "numba")
+        with _CountMatmuls() as with_numba:
             model(x)
     extra = with_lora.calls[len(base.calls) :]
     assert [c[0].split(".")[0] for c in extra] == ["mm", "addmm_"], extra
     assert extra[0][1][0] == x.data_ptr()  # the down-projection reads the layer's own input, not a copy
+    assert [c[0] for c in with_numba.calls] == [
+        c[0] for c in base.calls
+    ]  # both products in the numba kernels
 
 
 def test_frames_map_the_lora_into_smoothed_coordinates():
@@ -247,6 +256,52 @@ def test_branch_is_out_of_place_when_autograd_records():
     assert torch.equal(y.detach(), plain) and xg.grad is not None
 
 
+class Projections(nn.Module):
+    """q, k and v reading one input, as in an attention block (named so that fuse_int8_projections_ fuses them)."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = layers
+
+    def forward(self, x):
+        return torch.cat([self.to_q(x), self.to_k(x), self.to_v(x)], dim=-1)
+
+
+def fused_projections(seed: int = 6) -> tuple[Projections, list[torch.Tensor], list[torch.Tensor]]:
+    """INT8 q/k/v fused into one GEMM (`ditq.formats.fused`), with each part's dequantized weight and bias."""
+    from ditq.formats.fused import fuse_int8_projections_
+
+    gen = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(N, K, generator=gen) / K**0.5 for _ in range(3)]
+    bs = [torch.randn(N, generator=gen) * 0.1 for _ in range(3)]
+    layers = [make_layer("int8", w, b) for w, b in zip(ws, bs, strict=True)]
+    deq = [dequantized(m) for m in layers]
+    model = Projections(layers)
+    assert fuse_int8_projections_(model) == 1
+    return model, deq, [b.double() for b in bs]
+
+
+def test_branch_on_fused_int8_projections_adds_to_each_part_only():
+    """Fused q/k/v parts return slices of one output: each part's branch must add to its own slice, out of place,
+    and leave the fused output the other parts read untouched."""
+    model, deq, biases = fused_projections()
+    _, _, x = _weights(6)
+    states = {p: _lora(8, 20 + i, alpha=4.0) for i, p in enumerate(("to_q", "to_k", "to_v"))}
+    state = {k.replace("proj", p): v for p, st in states.items() for k, v in st.items()}
+    apply_lora(model, read_lora(state, name="qkv"), 0.9)
+    with torch.no_grad():
+        y = model(x).double().reshape(-1, 3 * N)
+    x64 = x.double().reshape(-1, K)
+    for i, p in enumerate(("to_q", "to_k", "to_v")):
+        a, sb = _fused_reference([({k: v for k, v in states[p].items()}, 0.9)])
+        ref_base = x64 @ deq[i].t() + biases[i]
+        ref = ref_base + (x64 @ a.t()) @ sb.t()
+        part = y[:, i * N : (i + 1) * N]
+        bound = full_bound("int8", None, x64, deq[i], a, sb, ref)
+        assert bool(((part - ref).abs() <= bound).all()), p
+        assert _rel(part, ref) < 0.03 < 0.2 < _rel(ref_base, ref), p
+
+
 def test_every_quantized_linear_class_has_a_check_here():
     """A new QuantizedLinear (a new format) must be added to FORMATS above, so the branch is checked on it."""
     from ditq.formats import load_all_formats
@@ -261,5 +316,7 @@ def test_every_quantized_linear_class_has_a_check_here():
 
     w, b, _ = _weights()
     covered = {type(make_layer(fmt, w, b)) for fmt in FORMATS}
+    model, _, _ = fused_projections()
+    covered |= {type(model.to_q), type(model.to_qkv)}  # checked by the fused-projection test above
     missing = sorted(c.__name__ for c in set(subclasses(QuantizedLinear)) - covered)
     assert not missing, f"no LoRA branch check for {missing}: add its format to FORMATS"

@@ -63,6 +63,7 @@ from ditq.lora.api import (
     applied_loras,
     apply_lora,
     apply_loras,
+    set_branch_kernel,
     set_lora_strength,
     unload_lora,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "merged_weight",
     "parse_lora_spec",
     "read_lora",
+    "set_branch_kernel",
     "set_lora_strength",
     "smoothing_frames",
     "unload_lora",

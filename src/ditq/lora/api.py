@@ -23,7 +23,7 @@ from pathlib import Path
 from torch import nn
 
 from ditq.errors import CheckpointError, ConfigError
-from ditq.lora.adapters import BranchEntry, attach, branch_of, detach
+from ditq.lora.adapters import KERNELS, BranchEntry, attach, branch_of, detach
 from ditq.lora.files import LoraFile, read_lora
 from ditq.lora.frames import LayerFrame, affected_layers, read_smoothing, smoothing_frames
 from ditq.lora.names import BRANCHES, COND
@@ -282,3 +282,13 @@ def unload_lora(target, name: str | None = None) -> None:
             registry.clear()
         else:
             registry.pop(name, None)
+
+
+def set_branch_kernel(target, kernel: str) -> int:
+    """Run every LoRA branch of the target with `kernel` ("auto", "torch" or "numba"); returns how many."""
+    if kernel not in KERNELS:
+        raise ConfigError(f"LoRA branch kernel must be one of {KERNELS}, got {kernel!r}")
+    branches = [br for _, _, br in _each_branch(target, None)]
+    for br in branches:
+        br.kernel = kernel
+    return len(branches)
