@@ -2,8 +2,8 @@
 
 A GGUF file is exposed to the module-by-module loader as tensors: a quantized weight `m.weight` appears as its raw
 bytes (uint8 [rows, row_bytes]) plus a 0-d `m.gguf_qtype`; F32/F16/BF16 tensors appear as ordinary tensors. Each
-forward dequantizes the weight with diffusers' torch block decoders (CPU and CUDA) and multiplies in the compute
-dtype. diffusers 0.42.1 has no single-file/GGUF loading path for Ideogram 4, so ditq provides this module.
+forward dequantizes the weight with ditq's torch block decoders (CPU and CUDA, bit-exact with ggml) and multiplies
+in the compute dtype. diffusers 0.42.1 has no single-file/GGUF loading path for Ideogram 4, so ditq provides this module.
 """
 
 from __future__ import annotations
@@ -32,15 +32,14 @@ _FLOAT_TYPES = {
 def dequantize_rows(raw: torch.Tensor, qtype: GGMLQuantizationType, dtype: torch.dtype) -> torch.Tensor:
     """uint8 [rows, row_bytes] -> [rows, row_len] in `dtype`, on the tensor's device.
 
-    Decoded in float32, as ggml does: diffusers' decoders otherwise keep the dtype of the stored float16 block
-    scales and do the arithmetic in float16, which lands up to ~1e-3 of a block's range away from ggml's values.
+    Decoded in float32 in ggml's order of operations (`ditq.formats.gguf_torch`), so the weights equal gguf-py's
+    bit for bit, then cast; no constant is copied from the host per call.
     """
-    from diffusers.quantizers.gguf.utils import dequantize_functions
+    from ditq.formats.gguf_torch import decode_blocks
 
     block, type_size = GGML_QUANT_SIZES[qtype]
     rows = raw.shape[0]
-    blocks = raw.reshape(-1, type_size)
-    out = dequantize_functions[qtype](blocks, block, type_size, dtype=torch.float32)
+    out = decode_blocks(raw.reshape(-1, type_size), qtype, block, type_size)
     return out.reshape(rows, -1).to(dtype)
 
 
