@@ -141,7 +141,7 @@ def grid_section(analysis: Analysis, out_dir: Path, n_prompts: int) -> tuple[Sec
         prompt = str(record.get("prompt") or "")
         if prompt:
             caption += f" — raw prompt: “{_shorten(prompt)}”"
-        texts = [str(t) for t in record.get("texts") or []]
+        texts = [str(t) for t in record.get("texts") or [] if isinstance(t, str)]
         caption += (
             f"; text to render: {', '.join(f'“{t}”' for t in texts)}" if texts else "; no text to render"
         )

@@ -18,6 +18,7 @@ from ditq.report.formatting import (
     missing_cell,
 )
 from ditq.report.inputs import PSNR_METRICS, MetricInfo, RunData
+from ditq.report.settings import load_average
 from ditq.report.timing import speed_cell, speed_header, speed_unit, variant_timings
 from ditq.stats import PairedDifference, bonferroni_confidence_level
 
@@ -129,8 +130,8 @@ def speed_note(run: RunData, unit: str) -> Paragraph:
         parts.append(str(host.get("gpu") or host.get("cpu")))
     if isinstance(host.get("threads"), int):
         parts.append(f"{host['threads']} thread(s)")
-    load = host.get("load_avg")
-    if isinstance(load, list) and load:
+    load = load_average(host)
+    if load:
         parts.append(f"load average {load[0]:g} when generation started")
     where = f" Measured on {', '.join(parts)}; other work on the machine slows it." if parts else ""
     tiny = (

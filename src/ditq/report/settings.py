@@ -43,6 +43,12 @@ def settings_section(run: RunData, analysis: Analysis) -> Section:
     return section
 
 
+def load_average(host: dict) -> list[float]:
+    """run.json host's load_avg (1, 5, 15 min) as numbers; [] when absent or malformed."""
+    load = host.get("load_avg")
+    return [float(x) for x in load if isinstance(x, int | float)] if isinstance(load, list) else []
+
+
 def hardware_rows(run: RunData) -> list[list[str | Cell]]:
     """Device, CPU / GPU, threads, processes, torch and load, from run.json "host" (older runs: the devices of
     manifest.jsonl and run.json's "device" / "dtype")."""
@@ -66,8 +72,8 @@ def hardware_rows(run: RunData) -> list[list[str | Cell]]:
             rows.append([label, str(host[key])])
     if host.get("torch"):
         rows.append(["torch", str(host["torch"])])
-    load = host.get("load_avg")
-    if isinstance(load, list) and load:
+    load = load_average(host)
+    if load:
         rows.append(["Load average at start (1 / 5 / 15 min)", " / ".join(f"{x:g}" for x in load)])
     if not host:
         rows.append(["Host", "not recorded (run.json has no host: written before ditq recorded it)"])
