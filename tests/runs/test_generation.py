@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ditq.errors import ConfigError
 from ditq.models.sampling import SamplingSettings
@@ -148,3 +149,13 @@ def test_torchrun_two_processes_equal_one_process(tiny_fp8_dir, tmp_path):
     assert len(a) == 6 and a == b
     assert not list(two.glob("manifest.rank*.jsonl"))
     assert len(read_jsonl(two / "manifest.jsonl")) == 6
+
+
+def test_each_torchrun_rank_sets_its_own_cuda_device_first(monkeypatch):
+    from ditq.runs.generation import rank_device
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(str(d)))
+    assert rank_device("cuda", world=2, local_rank=1) == "cuda:1" and chosen == ["cuda:1"]
+    assert rank_device("cuda:0", world=1, local_rank=0) == "cuda:0" and chosen[-1] == "cuda:0"
+    assert rank_device("cpu", world=2, local_rank=1) == "cpu" and len(chosen) == 2

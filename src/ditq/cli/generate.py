@@ -17,7 +17,18 @@ def add_common_model_args(p) -> None:
         "--fp8-compute",
         default="dequant",
         choices=("dequant", "scaled_mm"),
-        help="FP8 layers: dequantize per layer (default, any GPU) or torch._scaled_mm (FP8 tensor cores)",
+        help="FP8 layers: dequantize per layer (default, any GPU) or torch._scaled_mm (FP8 tensor cores, sm_89+)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile both transformers (the first step pays the compile)",
+    )
+    p.add_argument(
+        "--attention",
+        default="sdpa",
+        choices=("sdpa", "int8"),
+        help="attention kernel: sdpa (default) or int8 (comfy-kitchen's INT8 attention, CUDA)",
     )
 
 
@@ -126,7 +137,12 @@ def run(args) -> int:
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     seeds = parse_seeds(args.seed)
     pipe = load_pipeline(
-        args.model, device=args.device, dtype=torch_dtype(args.dtype), fp8_compute=args.fp8_compute
+        args.model,
+        device=args.device,
+        dtype=torch_dtype(args.dtype),
+        fp8_compute=args.fp8_compute,
+        compile=args.compile,
+        attention=args.attention,
     )
     info = pipeline_info(pipe)
     settings = settings_from_args(args, info)

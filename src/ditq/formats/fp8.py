@@ -104,8 +104,9 @@ class Fp8Linear(QuantizedLinear):
 
 def check_scaled_mm_device(device: torch.device) -> None:
     """`torch._scaled_mm` needs FP8 tensor cores on CUDA (compute capability 8.9+: Ada, Hopper, Blackwell)."""
+    device = torch.device(device)
     if device.type == "cuda":
-        _check_cuda_fp8(torch.device(device).index or torch.cuda.current_device())
+        _check_cuda_fp8(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @cache

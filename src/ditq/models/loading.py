@@ -236,8 +236,13 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     fp8_compute: str = "dequant",
+    compile: bool = False,
+    attention: str = "sdpa",
 ):
-    """Load an `Ideogram4Pipeline` (a plain diffusers pipeline); `pipeline_info(pipe)` says what was loaded."""
+    """Load an `Ideogram4Pipeline` (a plain diffusers pipeline); `pipeline_info(pipe)` says what was loaded.
+
+    `compile` applies `torch.compile` to both transformers; `attention` is "sdpa" or "int8" (comfy-kitchen's INT8
+    attention, CUDA)."""
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Ideogram4Pipeline
     from transformers import AutoTokenizer
 
@@ -272,6 +277,14 @@ def load_pipeline(
         head = head.to(device).eval()
     pipe = Ideogram4Pipeline(prompt_enhancer_head=head, **comps)
     pipe.set_progress_bar_config(disable=True)
+    if attention != "sdpa":
+        from ditq.models.attention import set_attention
+
+        set_attention(pipe, attention)
+    if compile:
+        from ditq.models.execution import compile_transformers
+
+        compile_transformers(pipe)
     defaults = model_defaults(folder)
     info.max_sequence_length = defaults.max_sequence_length
     info.default_size, info.default_steps = defaults.default_size, defaults.default_steps

@@ -89,6 +89,17 @@ def plan_jobs(spec: RunSpec) -> list[Job]:
     return jobs
 
 
+def rank_device(device: str, world: int, local_rank: int) -> str:
+    """This rank's device: `cuda:LOCAL_RANK` under torchrun, made the current device before anything allocates
+    (otherwise every rank's CUDA context and allocations would start on GPU 0)."""
+    if not device.startswith("cuda"):
+        return device
+    if world > 1 and ":" not in device:
+        device = f"cuda:{local_rank}"
+    torch.cuda.set_device(torch.device(device))
+    return device
+
+
 def distributed_env() -> tuple[int, int, int]:
     return (
         int(os.environ.get("RANK", 0)),
@@ -190,8 +201,7 @@ def run_generation(
 
     run_dir = Path(run_dir)
     rank, world, local_rank = distributed_env()
-    if world > 1 and device.startswith("cuda") and ":" not in device:
-        device = f"cuda:{local_rank}"
+    device = rank_device(device, world, local_rank)
     if rank == 0:
         record = prepare_run_dir(run_dir, spec)
         record["host"] = host_record(device)  # of the latest invocation: threads, load, CPU or GPU

@@ -1,0 +1,57 @@
+"""How a pipeline runs, apart from what it computes: device, dtype, FP8 compute, `torch.compile`, the attention
+kernel, where components live (offload policy) and how the text is padded. One frozen config, recorded with runs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ditq.errors import ConfigError
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+ATTENTION = ("sdpa", "int8")
+OFFLOAD = ("none", "encoder", "model", "group", "sequential", "auto")
+TEXT_PADDING = ("fixed", "prompt")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExecutionOptions:
+    """`attention`: "sdpa" (PyTorch's) or "int8" (comfy-kitchen's INT8 attention, CUDA). `offload`: see
+    `ditq.models.placement`. `text_padding`: "fixed" pads every prompt to `max_sequence_length` (the pipeline's
+    way), "prompt" to the prompt's own token count rounded up to 64."""
+
+    device: str = "cpu"
+    dtype: str = "bf16"
+    fp8_compute: str = "dequant"
+    compile: bool = False
+    attention: str = "sdpa"
+    offload: str = "none"
+    text_padding: str = "fixed"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"--attention {self.attention!r}: expected one of {', '.join(ATTENTION)}")
+        if self.offload not in OFFLOAD:
+            raise ConfigError(f"--offload {self.offload!r}: expected one of {', '.join(OFFLOAD)}")
+        if self.text_padding not in TEXT_PADDING:
+            raise ConfigError(
+                f"--text-padding {self.text_padding!r}: expected one of {', '.join(TEXT_PADDING)}"
+            )
+        if self.fp8_compute not in ("dequant", "scaled_mm"):
+            raise ConfigError(f"--fp8-compute {self.fp8_compute!r}: expected dequant or scaled_mm")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compile_transformers(pipe) -> None:
+    """`torch.compile` both transformers in place (the modules stay the pipeline's own objects)."""
+    for name in ("transformer", "unconditional_transformer"):
+        getattr(pipe, name).compile(fullgraph=False, dynamic=False)
