@@ -7,11 +7,13 @@ B's, each multiplied by strength · alpha / rank, concatenated the same way (R =
 float32 and rounded once to the layer's compute dtype (bf16 in the pipelines). They are rebuilt whenever the set of
 LoRAs or a strength changes, so a forward call runs exactly two GEMMs whatever the number of LoRAs: x2 [T, K] @ A^T
 into h [T, R], then `out.addmm_(h, B^T)`, which adds into the layer's output in place (no second pass over it).
-The branch reads the layer's own input tensor as a [T, K] view (no copy). On CPUs, bf16 activations of at least
-`NUMBA_MIN_ELEMENTS` go through two numba kernels instead (`ditq.lora._cpu_kernels`: the same two products, float32
-accumulation, h kept in float32), 20-40x faster than torch's bf16 GEMMs where the CPU has no bf16 matrix units;
-`LoraBranch.kernel` ("auto", "torch", "numba") overrides the choice. LoRAs at strength 0 take no rank; with
-none active the hook returns the layer's output untouched, so strength 0 is the base bit for bit.
+The branch reads the layer's own input tensor as a [T, K] view (no copy). An output that is not contiguous (the
+slice of a fused q/k/v output that `ditq.formats.fused` hands each part) gets the sum out of place, so the fused
+output the other parts slice stays as it was. On CPUs, bf16 activations go through two numba kernels instead
+(`ditq.lora._cpu_kernels`: the same two products, float32 accumulation, h kept in float32), 10-40x faster than
+torch's bf16 GEMMs on CPUs without bf16 matrix units; `LoraBranch.kernel` ("auto", "torch", "numba") overrides the
+choice. LoRAs at strength 0 take no rank; with none active the hook returns the layer's output untouched, so
+strength 0 is the base bit for bit.
 
 The layer is neither replaced nor renamed: the branch is its child module `lora` (so `named_parameters` lists
 `<layer>.lora.lora_A` / `lora_B`, and `.to()`, offloading hooks and `state_dict` see them) and a forward hook on
@@ -44,7 +46,7 @@ CHILD = "lora"
 # "auto": the numba CPU kernels for bf16 activations of at least NUMBA_MIN_ELEMENTS, torch otherwise
 KERNELS = ("auto", "torch", "numba")
 DEFAULT_KERNEL = "auto"
-NUMBA_MIN_ELEMENTS = 1 << 16  # below this the numba thread pool costs more than it saves
+NUMBA_MIN_ELEMENTS = 1 << 12  # below this (a few tokens) the call overhead outweighs torch's slow bf16 GEMM
 
 
 @cache
@@ -58,19 +60,30 @@ def _cpu_kernels():
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
-    """The uint16 bit patterns of a contiguous bf16 tensor, as a numpy array sharing its memory."""
+    """The uint16 bit patterns of a bf16 tensor (any strides), as a numpy array sharing its memory."""
     return t.view(torch.int16).numpy().view(np.uint16)
 
 
 def _numba_branch(x2: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """out += (x2 aᵀ) bᵀ in place with the numba kernels (bf16 CPU tensors; h stays float32)."""
+    """out + (x2 aᵀ) bᵀ with the numba kernels (bf16 CPU tensors; h stays float32): into `out` itself when it is
+    contiguous, else (a slice of a fused output that other parts read) into a new tensor."""
     kernels = _cpu_kernels()
     x2 = x2.contiguous()  # a view of the layer's input when it is contiguous (the usual case)
     bt = b.t() if b.t().is_contiguous() else b.t().contiguous()
     h = torch.empty(x2.shape[0], a.shape[0], dtype=torch.float32)
     kernels.down_bf16(_bits(x2), _bits(a.contiguous()), h.numpy())
-    kernels.up_bf16(h.numpy(), _bits(bt), _bits(out.view(-1, out.shape[-1])))
-    return out
+    y = out.reshape(-1, out.shape[-1]) if out.is_contiguous() else _rows(out)
+    dst = y if out.is_contiguous() else torch.empty(y.shape, dtype=out.dtype)
+    kernels.up_bf16(h.numpy(), _bits(bt), _bits(y), _bits(dst))
+    return out if dst is y else dst.view(out.shape)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t [..., N] as [T, N] without a copy where the leading dims merge (a column slice of a 2-D or 3-D output)."""
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return t.reshape(-1, t.shape[-1])
 
 
 @dataclass
@@ -169,7 +182,7 @@ class LoraBranch(nn.Module):
         return torch.addmm(out.reshape(-1, self.out_features), h, b.t()).view(out.shape)
 
     def _numba_takes(self, x2: torch.Tensor, out: torch.Tensor, a: torch.Tensor) -> bool:
-        if self.kernel == "torch" or x2.device.type != "cpu" or not out.is_contiguous():
+        if self.kernel == "torch" or x2.device.type != "cpu" or out.dim() == 0:
             return False
         if not (x2.dtype == out.dtype == a.dtype == torch.bfloat16):
             return False
