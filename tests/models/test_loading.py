@@ -149,3 +149,11 @@ def test_unconditional_transformer_runs_on_image_tokens(loaded_fp32, tiny_settin
     image_tokens = (64 // 4) ** 2
     assert calls["unconditional_transformer"] == [image_tokens] * tiny_settings.steps
     assert calls["transformer"] == [512 + image_tokens] * tiny_settings.steps
+
+
+def test_the_vision_tower_is_never_loaded(tiny_fp8_dir):
+    from ditq.models.loading import load_text_encoder
+
+    model, _ = load_text_encoder(tiny_fp8_dir / "text_encoder", torch.bfloat16, "cpu")
+    assert not hasattr(model, "visual") and not any(n.startswith("visual") for n, _ in model.named_parameters())
+    assert all(p.device.type == "cpu" for p in model.parameters())  # nothing left on the meta device

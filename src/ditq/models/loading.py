@@ -211,8 +211,26 @@ def open_weights(folder: Path):
     return TensorSource(folder)
 
 
+class _WithoutVision:
+    """A tensor source without the vision tower's tensors (`visual.*`, with or without a `model.` prefix)."""
+
+    def __init__(self, source) -> None:
+        self.source, self.path = source, source.path
+        self._keys = [k for k in source.keys() if not k.removeprefix("model.").startswith("visual.")]
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.source.get(name)
+
+
 def load_text_encoder(folder: Path, dtype: torch.dtype, device):
-    """The Qwen3-VL text encoder; FP8 weight-only checkpoints load through ditq's module-by-module path."""
+    """The Qwen3-VL text encoder; FP8 weight-only checkpoints load through ditq's module-by-module path.
+
+    Only the language model is loaded: the pipeline reads the hidden states of its decoder layers and never runs the
+    vision tower (0.58 GB of Qwen3-VL-8B's 8.78 GB in FP8), so `visual` is dropped before loading and its tensors
+    are never read."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, Qwen3VLModel
 
@@ -223,7 +241,8 @@ def load_text_encoder(folder: Path, dtype: torch.dtype, device):
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights():
         model = Qwen3VLModel._from_config(config)
-    source = TensorSource(folder)
+    del model.visual
+    source = _WithoutVision(TensorSource(folder))
     prefix = "model." if any(k.startswith("model.language_model.") for k in source.keys()) else ""
     counts = load_into(model, source, dtype, device, module_prefix=prefix)
     if raw.get("ideogram_fp8_weight_only") and "fp8" not in counts:
