@@ -1,5 +1,5 @@
 """How a pipeline runs, apart from what it computes: device, dtype, FP8 compute, `torch.compile`, the attention
-kernel, where components live (offload policy) and how the text is padded. One frozen config, recorded with runs."""
+kernel, where components live (offload policy). One frozen config, recorded with runs."""
 
 from __future__ import annotations
 
@@ -12,14 +12,13 @@ from ditq.errors import ConfigError
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 ATTENTION = ("sdpa", "int8")
 OFFLOAD = ("none", "encoder", "model", "group", "sequential", "auto")
-TEXT_PADDING = ("fixed", "prompt")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ExecutionOptions:
     """`attention`: "sdpa" (PyTorch's) or "int8" (comfy-kitchen's INT8 attention, CUDA). `offload`: see
-    `ditq.models.placement`. `text_padding`: "fixed" pads every prompt to `max_sequence_length` (the pipeline's
-    way), "prompt" to the prompt's own token count rounded up to 64."""
+    `ditq.models.placement`. (How the text is padded changes the images in bf16, so it is a sampling setting:
+    `SamplingSettings.text_padding`.)"""
 
     device: str = "cpu"
     dtype: str = "bf16"
@@ -27,7 +26,6 @@ class ExecutionOptions:
     compile: bool = False
     attention: str = "sdpa"
     offload: str = "none"
-    text_padding: str = "fixed"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -36,10 +34,6 @@ class ExecutionOptions:
             raise ConfigError(f"--attention {self.attention!r}: expected one of {', '.join(ATTENTION)}")
         if self.offload not in OFFLOAD:
             raise ConfigError(f"--offload {self.offload!r}: expected one of {', '.join(OFFLOAD)}")
-        if self.text_padding not in TEXT_PADDING:
-            raise ConfigError(
-                f"--text-padding {self.text_padding!r}: expected one of {', '.join(TEXT_PADDING)}"
-            )
         if self.fp8_compute not in ("dequant", "scaled_mm"):
             raise ConfigError(f"--fp8-compute {self.fp8_compute!r}: expected dequant or scaled_mm")
 
