@@ -60,3 +60,23 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def folder_fingerprint(folder: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """A cheap identity of the weight files of a folder: per file its name, size, first and last `chunk` bytes
+    (safetensors and GGUF headers sit at the start); equal content gives equal fingerprints."""
+    import hashlib
+
+    h = hashlib.sha256()
+    folder = Path(folder)
+    for f in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if not f.is_file() or f.name.startswith("."):
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}\n".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(chunk))
+            if size > 2 * chunk:
+                fh.seek(size - chunk)
+                h.update(fh.read(chunk))
+    return h.hexdigest()

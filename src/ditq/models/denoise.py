@@ -19,26 +19,35 @@ import torch
 
 @dataclass(frozen=True)
 class Conditioning:
-    """The packed conditioning of one prompt: `llm_features` [1, T + N, D] float32 (text rows, then zeros for the N
-    image tokens), `position_ids` [1, T + N, 3], `segment_ids` and `indicator` [1, T + N]; `text_tokens` = T, the
-    padded text length, and `prompt_tokens` the prompt's own token count."""
+    """One prompt's text conditioning in compact form: `text` [n, D], the features of its n tokens (in the text
+    encoder's dtype: the pipeline's float32 features of a bf16 encoder are bf16 values, so nothing is lost), padded
+    to `text_tokens` = T; `grid` is the image's token grid. `packed()` builds the pipeline's packed tensors from it
+    (zeros for the padding and image rows, the layout ids from the pipeline's own `_prepare_ids`)."""
 
-    llm_features: torch.Tensor
-    position_ids: torch.Tensor
-    segment_ids: torch.Tensor
-    indicator: torch.Tensor
+    text: torch.Tensor
     text_tokens: int
-    prompt_tokens: int
+    grid: tuple[int, int]
 
-    def to(self, device: torch.device | str) -> Conditioning:
-        return Conditioning(
-            self.llm_features.to(device),
-            self.position_ids.to(device),
-            self.segment_ids.to(device),
-            self.indicator.to(device),
-            self.text_tokens,
-            self.prompt_tokens,
-        )
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.text.shape[0])
+
+    def to(self, device) -> Conditioning:
+        return Conditioning(self.text.to(device), self.text_tokens, self.grid)
+
+    def packed(
+        self, pipe, device, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(llm_features [1, T + N, D] in `dtype`, position_ids [1, T + N, 3], segment_ids, indicator [1, T + N]).
+
+        The pipeline builds the features in float32 and casts them to the transformer's dtype; built in that
+        dtype directly they hold the same values (bf16 features of a bf16 encoder) without the float32 copy."""
+        n, t = self.prompt_tokens, self.text_tokens
+        gh, gw = self.grid
+        llm = torch.zeros(1, t + gh * gw, self.text.shape[1], dtype=dtype, device=device)
+        llm[0, t - n : t] = self.text.to(device=device, dtype=torch.float32).to(dtype)
+        pos, seg, ind = pipe._prepare_ids([n], gh, gw, t, device)
+        return llm, pos, seg, ind
 
 
 def grid(pipe, height: int, width: int) -> tuple[int, int]:
@@ -58,10 +67,16 @@ def encode(pipe, prompt: str, height: int, width: int, text_tokens: int, device=
     """The pipeline's `encode_prompt` for one prompt, with the text padded to `text_tokens`."""
     gh, gw = grid(pipe, height, width)
     device = device or pipe._execution_device
-    llm, pos, seg, ind = pipe.encode_prompt(
+    llm, _, _, _ = pipe.encode_prompt(
         prompt=prompt, grid_h=gh, grid_w=gw, max_sequence_length=text_tokens, device=device
     )
-    return Conditioning(llm, pos, seg, ind, text_tokens, prompt_tokens(pipe, prompt))
+    n = prompt_tokens(pipe, prompt)
+    rows = llm[0, text_tokens - n : text_tokens]
+    if pipe.text_encoder.dtype != torch.float32 and torch.equal(
+        rows, rows.to(pipe.text_encoder.dtype).float()
+    ):
+        rows = rows.to(pipe.text_encoder.dtype)
+    return Conditioning(rows.contiguous(), text_tokens, (gh, gw))
 
 
 class StepTimer:
@@ -104,12 +119,14 @@ def denoise(
     `on_step(i, latents)` is called after each step (timing, finiteness checks)."""
     from diffusers.pipelines.ideogram4.pipeline_ideogram4 import _logit_normal_sigmas, _resolution_aware_mu
 
-    device = cond.llm_features.device
+    device = pipe._execution_device
     t_text = cond.text_tokens
     n_img = latents.shape[1]
     tr, un = pipe.transformer, pipe.unconditional_transformer
-    neg_llm = torch.zeros(1, n_img, cond.llm_features.shape[-1], dtype=cond.llm_features.dtype, device=device)
-    neg_pos, neg_seg, neg_ind = (t[:, t_text:] for t in (cond.position_ids, cond.segment_ids, cond.indicator))
+    llm, position_ids, segment_ids, indicator = cond.packed(pipe, device, tr.dtype)
+    # the unconditional branch's text features are all zeros: one row, expanded, holds them
+    neg_llm = torch.zeros(1, 1, llm.shape[-1], dtype=un.dtype, device=device).expand(1, n_img, -1)
+    neg_pos, neg_seg, neg_ind = (t[:, t_text:] for t in (position_ids, segment_ids, indicator))
     sigmas = _logit_normal_sigmas(
         len(guidance_schedule), _resolution_aware_mu(height, width, mu), std, device=device
     )
@@ -117,8 +134,6 @@ def denoise(
     gw = torch.as_tensor(guidance_schedule, dtype=torch.float32, device=device)
     latents = latents.to(device=device, dtype=torch.float32)
     text_pad = torch.zeros(1, t_text, latents.shape[-1], dtype=torch.float32, device=device)
-    llm = cond.llm_features.to(tr.dtype)
-    neg_llm = neg_llm.to(un.dtype)
     num_train = pipe.scheduler.config.num_train_timesteps
     for i, t in enumerate(pipe.scheduler.timesteps):
         t_model = (1.0 - (t.float() / num_train)).expand(1).to(tr.dtype)
@@ -127,9 +142,9 @@ def denoise(
             hidden_states=pos_z,
             timestep=t_model,
             encoder_hidden_states=llm,
-            position_ids=cond.position_ids,
-            segment_ids=cond.segment_ids,
-            indicator=cond.indicator,
+            position_ids=position_ids,
+            segment_ids=segment_ids,
+            indicator=indicator,
             attention_kwargs=None,
             return_dict=False,
         )[0]
@@ -152,8 +167,8 @@ def denoise(
 
 
 @torch.no_grad()
-def decode(pipe, latents: torch.Tensor, height: int, width: int):
-    """The pipeline's VAE decode (its step 9) of latents [1, N, C]: a PIL image."""
+def decode_latents(pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The pipeline's VAE decode (its step 9) of latents [1, N, C]: the decoded image tensor [1, 3, H, W]."""
     gh, gw = grid(pipe, height, width)
     z = latents
     bn_mean = pipe.vae.bn.running_mean.view(1, 1, -1).to(device=z.device, dtype=z.dtype)
@@ -164,7 +179,12 @@ def decode(pipe, latents: torch.Tensor, height: int, width: int):
     z = z.view(1, gh, gw, patch, patch, channels).permute(0, 5, 1, 3, 2, 4).contiguous()
     z = z.view(1, channels, gh * patch, gw * patch)
     vae_device = next(pipe.vae.parameters()).device
-    decoded = pipe.vae.decode(z.to(device=vae_device, dtype=pipe.vae.dtype), return_dict=False)[0]
+    return pipe.vae.decode(z.to(device=vae_device, dtype=pipe.vae.dtype), return_dict=False)[0]
+
+
+def decode(pipe, latents: torch.Tensor, height: int, width: int):
+    """`decode_latents`, then the pipeline's post-processing: a PIL image."""
+    decoded = decode_latents(pipe, latents, height, width)
     return pipe.image_processor.postprocess(decoded.float(), output_type="pil")[0]
 
 

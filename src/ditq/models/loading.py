@@ -172,6 +172,36 @@ def check_folder(folder: Path) -> dict:
     return index
 
 
+def _load_components(folder: Path, dtype, device, fp8_compute: str, parts: str, info: PipelineInfo) -> dict:
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
+    from transformers import AutoTokenizer
+
+    options = {"fp8": {"compute": fp8_compute}}
+    comps: dict = dict.fromkeys((*TRANSFORMERS, "text_encoder", "prompt_enhancer_head"))
+    if parts != "encoder":
+        for name in TRANSFORMERS:
+            comps[name], info.formats[name] = load_transformer(folder / name, dtype, device, options)
+    if parts != "denoiser":
+        comps["text_encoder"], info.formats["text_encoder"] = load_text_encoder(
+            folder / "text_encoder", dtype, device
+        )
+    try:
+        vae = AutoencoderKLFlux2.from_pretrained(folder / "vae", torch_dtype=dtype)
+        comps["vae"] = vae.to(device if parts != "encoder" else "cpu").eval()
+        comps["tokenizer"] = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        comps["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{folder}: cannot load vae/tokenizer/scheduler: {str(exc).splitlines()[0]}"
+        ) from None
+    if parts == "all" and (folder / "prompt_enhancer_head").is_dir():
+        from diffusers.pipelines.ideogram4.prompt_enhancer import Ideogram4PromptEnhancerHead
+
+        head = Ideogram4PromptEnhancerHead.from_pretrained(folder / "prompt_enhancer_head", torch_dtype=dtype)
+        comps["prompt_enhancer_head"] = head.to(device).eval()
+    return comps
+
+
 def read_record(folder: Path) -> VariantRecord | None:
     """The folder's `ditq.json` record, None for a folder ditq did not write (the official FP8 checkpoint)."""
     return VariantRecord.load(folder)
@@ -250,6 +280,9 @@ def load_text_encoder(folder: Path, dtype: torch.dtype, device):
     return model.eval(), counts
 
 
+PARTS = ("all", "encoder", "denoiser")
+
+
 def load_pipeline(
     source: str | os.PathLike = "tiny",
     device: str | torch.device = "cpu",
@@ -257,50 +290,34 @@ def load_pipeline(
     fp8_compute: str = "dequant",
     compile: bool = False,
     attention: str = "sdpa",
+    parts: str = "all",
 ):
     """Load an `Ideogram4Pipeline` (a plain diffusers pipeline); `pipeline_info(pipe)` says what was loaded.
 
     `compile` applies `torch.compile` to both transformers; `attention` is "sdpa" or "int8" (comfy-kitchen's INT8
-    attention, CUDA)."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Ideogram4Pipeline
-    from transformers import AutoTokenizer
-
+    attention, CUDA). `parts` loads all components, only what encodes prompts ("encoder": text encoder, tokenizer;
+    the VAE's config on the CPU), or only what denoises and decodes ("denoiser": no text encoder; generation then
+    takes conditionings encoded earlier), for the offload policies that keep the two off the device together."""
     source = str(source)
     if source == "full":
         raise ModelSourceError(
             "'full' is the meta-device model for sizes only (ditq inspect full); it cannot run"
         )
+    if parts not in PARTS:
+        raise ConfigError(f"parts must be one of {PARTS}, got {parts!r}")
     folder = resolve_source(source)
     check_folder(folder)
-    options = {"fp8": {"compute": fp8_compute}}
     info = PipelineInfo(source=source, folder=folder, record=read_record(folder))
-    comps = {}
-    for name in TRANSFORMERS:
-        comps[name], info.formats[name] = load_transformer(folder / name, dtype, device, options)
-    comps["text_encoder"], info.formats["text_encoder"] = load_text_encoder(
-        folder / "text_encoder", dtype, device
-    )
-    try:
-        comps["vae"] = AutoencoderKLFlux2.from_pretrained(folder / "vae", torch_dtype=dtype).to(device).eval()
-        comps["tokenizer"] = AutoTokenizer.from_pretrained(folder / "tokenizer")
-        comps["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{folder}: cannot load vae/tokenizer/scheduler: {str(exc).splitlines()[0]}"
-        ) from None
-    head = None
-    if (folder / "prompt_enhancer_head").is_dir():
-        from diffusers.pipelines.ideogram4.prompt_enhancer import Ideogram4PromptEnhancerHead
+    comps = _load_components(folder, dtype, device, fp8_compute, parts, info)
+    from diffusers import Ideogram4Pipeline
 
-        head = Ideogram4PromptEnhancerHead.from_pretrained(folder / "prompt_enhancer_head", torch_dtype=dtype)
-        head = head.to(device).eval()
-    pipe = Ideogram4Pipeline(prompt_enhancer_head=head, **comps)
+    pipe = Ideogram4Pipeline(**comps)
     pipe.set_progress_bar_config(disable=True)
-    if attention != "sdpa":
+    if attention != "sdpa" and parts != "encoder":
         from ditq.models.attention import set_attention
 
         set_attention(pipe, attention)
-    if compile:
+    if compile and parts != "encoder":
         from ditq.models.execution import compile_transformers
 
         compile_transformers(pipe)

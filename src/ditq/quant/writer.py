@@ -23,13 +23,12 @@ from pathlib import Path
 
 from ditq._version import __version__
 from ditq.errors import ConfigError
-from ditq.io.files import file_sha256, link_or_copy, link_or_copy_tree, write_json_atomic
+from ditq.io.files import file_sha256, folder_fingerprint, link_or_copy, link_or_copy_tree, write_json_atomic
 from ditq.models.record import RECORD_FILE, TRANSFORMERS, VariantRecord
 from ditq.quant.recipes.base import ConvertContext, Recipe, parse_recipe
 
 log = logging.getLogger(__name__)
 DONE_MARKER = ".ditq-done.json"
-_FINGERPRINT_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -48,21 +47,8 @@ class Plan:
 
 
 def source_fingerprint(folder: Path) -> str:
-    """A cheap identity of a pipeline's transformer weights: per weight file its name, size, first and last MiB
-    (safetensors and GGUF headers sit at the start), and each transformer's config.json."""
-    h = hashlib.sha256()
-    for comp in TRANSFORMERS:
-        for f in sorted((folder / comp).iterdir()):
-            if not f.is_file() or f.name.startswith("."):
-                continue
-            size = f.stat().st_size
-            h.update(f"{comp}/{f.name}:{size}\n".encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(_FINGERPRINT_BYTES))
-                if size > 2 * _FINGERPRINT_BYTES:
-                    fh.seek(size - _FINGERPRINT_BYTES)
-                    h.update(fh.read(_FINGERPRINT_BYTES))
-    return h.hexdigest()
+    """A cheap identity of a pipeline's transformer weights (`ditq.io.files.folder_fingerprint` of each)."""
+    return "".join(folder_fingerprint(folder / comp)[:16] for comp in TRANSFORMERS)
 
 
 def plan(

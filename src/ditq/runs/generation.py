@@ -7,13 +7,12 @@ of ranks produces the same images as one process. Rank and world size come from 
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import logging
 import os
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +20,9 @@ import torch
 from ditq._version import __version__
 from ditq.errors import ConfigError
 from ditq.host import host_record
+from ditq.models.execution import ExecutionOptions
 from ditq.models.sampling import SamplingSettings, initial_noise, png_metadata
+from ditq.runs.embeddings import EmbeddingCache, ensure_embeddings
 from ditq.runs.manifest import (
     RUN_FILE,
     append_jsonl,
@@ -46,6 +47,8 @@ class RunSpec:
     settings: SamplingSettings = field(default_factory=SamplingSettings)
     reference_variant: str = "fp8"
     limit: int | None = None  # only the first N prompts of the suite
+    # per-variant execution options over the run's (e.g. {"int8@attn8": {"attention": "int8"}})
+    variant_options: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -128,7 +131,9 @@ def _variant_record(name: str, model: str, pipe) -> dict:
         "folder": str(folder),
         "format": info.variant,
         "bytes_on_disk": {c: sum(files_on_disk(folder / c).values()) for c in comps},
-        "resident_bytes": {c: resident_bytes(getattr(pipe, c)) for c in comps},
+        "resident_bytes": {
+            c: resident_bytes(getattr(pipe, c)) for c in comps if getattr(pipe, c) is not None
+        },
     }
 
 
@@ -192,20 +197,25 @@ def run_generation(
     dtype: torch.dtype = torch.bfloat16,
     progress: bool = True,
     stop_after: int | None = None,
+    options: ExecutionOptions | None = None,
 ) -> dict:
     """Generate the missing images of this rank's shard; returns {"generated", "skipped", "total"}.
 
-    `stop_after` stops after that many new images (used to test interruption and resume).
+    `options` says how (device, dtype, compile, attention, offload policy; `device` and `dtype` are its shorthand).
+    Every prompt is encoded once, with only the text encoder on the device, and cached in the run folder; then
+    each variant denoises from the cache. `stop_after` stops after that many new images (tests of resume).
     """
     from tqdm import tqdm
 
+    options = options or ExecutionOptions(device=device, dtype="fp32" if dtype == torch.float32 else "bf16")
     run_dir = Path(run_dir)
     rank, world, local_rank = distributed_env()
-    device = rank_device(device, world, local_rank)
+    options = replace(options, device=rank_device(options.device, world, local_rank))
     if rank == 0:
         record = prepare_run_dir(run_dir, spec)
-        record["host"] = host_record(device)  # of the latest invocation: threads, load, CPU or GPU
+        record["host"] = host_record(options.device)  # of the latest invocation: threads, load, CPU or GPU
         record["tiny"] = _is_tiny(spec.variants[spec.reference_variant])
+        record["execution"] = options.to_dict()
         write_json_atomic(run_dir / RUN_FILE, record)
     _barrier(world)
     all_jobs = plan_jobs(spec)
@@ -216,6 +226,7 @@ def run_generation(
     desc = f"run (rank {rank}/{world})" if world > 1 else "run"
     budget = _Budget(stop_after)
     variant_info: dict[str, dict] = {}
+    cache = EmbeddingCache(run_dir)
     with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress) as bar:
         for variant, model in spec.variants.items():
             jobs = [j for j in todo if j.variant == variant]
@@ -223,15 +234,14 @@ def run_generation(
                 continue
             if budget.exhausted:
                 break
-            variant_info[variant] = _run_variant(
-                run_dir, spec, variant, model, jobs, device, dtype, manifest, budget, bar
-            )
+            ctx = _VariantRun(run_dir, spec, variant, model, options, manifest, budget, bar, cache)
+            variant_info[variant] = ctx.run(jobs)
     result = {"generated": budget.used, "skipped": len(mine) - len(todo), "total": len(all_jobs)}
     if budget.exhausted:
         return {**result, "stopped": True}
     _barrier(world)
     if rank == 0:
-        _finish_run(run_dir, variant_info, device, dtype, all_jobs)
+        _finish_run(run_dir, variant_info, options.device, options.torch_dtype, all_jobs)
     _barrier(world)
     return result
 
@@ -256,27 +266,71 @@ class _Budget:
         return self.limit is not None and self.used >= self.limit
 
 
-def _run_variant(run_dir, spec, variant, model, jobs, device, dtype, manifest, budget, bar) -> dict:
-    """Load one variant, generate its pending images, and return its run.json record."""
-    from ditq.models.loading import load_pipeline
+@dataclass
+class _VariantRun:
+    """One variant's share of a run: its embeddings, its pipeline under its placement policy, its images."""
 
-    pipe = load_pipeline(model, device=device, dtype=dtype)
-    info = _variant_record(variant, model, pipe)
-    settings = _settings_for(pipe, spec.settings)
-    for n, job in enumerate(jobs):
-        if budget.exhausted:
-            break
-        record = _generate_job(pipe, job, model, settings, run_dir, device)
-        record["warmup"] = n == 0  # the first image of a loaded variant pays one-time costs
-        append_jsonl(manifest, record)
-        budget.used += 1
-        bar.update()
-    del pipe
-    gc.collect()
-    return info
+    run_dir: Path
+    spec: RunSpec
+    variant: str
+    model: str
+    options: ExecutionOptions
+    manifest: Path
+    budget: _Budget
+    bar: object
+    cache: EmbeddingCache
+
+    def run(self, jobs: list[Job]) -> dict:
+        from ditq.models.loading import load_pipeline, model_defaults, resolve_source
+        from ditq.models.placement import apply_policy, load_device, release
+
+        opts = replace(self.options, **self.spec.variant_options.get(self.variant, {}))
+        settings = _capped(self.spec.settings, model_defaults(resolve_source(self.model)))
+        keys = ensure_embeddings(
+            self.cache, self.model, [j.text for j in jobs], settings, opts.device, opts.torch_dtype
+        )
+        policy = resolve_policy(opts, self.model, settings)
+        pipe = load_pipeline(
+            self.model,
+            device=load_device(policy, opts.device),
+            dtype=opts.torch_dtype,
+            fp8_compute=opts.fp8_compute,
+            compile=opts.compile,
+            attention=opts.attention,
+            parts="denoiser",
+        )
+        apply_policy(pipe, policy, opts.device)
+        info = {
+            **_variant_record(self.variant, self.model, pipe),
+            "offload": policy,
+            "execution": opts.to_dict(),
+        }
+        for n, job in enumerate(jobs):
+            if self.budget.exhausted:
+                break
+            cond = self.cache.get(keys[job.text])
+            record = _generate_job(pipe, job, self.model, settings, self.run_dir, opts.device, cond)
+            record["warmup"] = n == 0  # the first image of a loaded variant pays one-time costs
+            record["offload"] = policy
+            append_jsonl(self.manifest, record)
+            self.budget.used += 1
+            self.bar.update()
+        release(pipe)
+        return info
 
 
-def _generate_job(pipe, job: Job, model: str, settings: SamplingSettings, run_dir: Path, device: str) -> dict:
+def resolve_policy(options: ExecutionOptions, model: str, settings: SamplingSettings) -> str:
+    """The offload policy a variant runs under: the given one, or the planner's choice for `auto`."""
+    if options.offload != "auto":
+        return options.offload
+    from ditq.quant.plan import choose_policy
+
+    return choose_policy(model, settings, options.device)
+
+
+def _generate_job(
+    pipe, job: Job, model: str, settings: SamplingSettings, run_dir: Path, device: str, cond=None
+) -> dict:
     """One image of the run: generated from its paired noise, written atomically; returns its manifest record."""
     from ditq.models.denoise import StepTimer
     from ditq.models.sampling import generate
@@ -287,7 +341,7 @@ def _generate_job(pipe, job: Job, model: str, settings: SamplingSettings, run_di
         torch.cuda.reset_peak_memory_stats(device)
     timer = StepTimer(device)
     t0 = time.perf_counter()
-    image = generate(pipe, job.text, job.seed, settings, latents=noise, timer=timer)
+    image = generate(pipe, job.text, job.seed, settings, latents=noise, timer=timer, cond=cond)
     wall = time.perf_counter() - t0
     if cuda:
         peak = torch.cuda.max_memory_allocated(device)
@@ -343,16 +397,10 @@ def _finish_run(
     merge_manifests(run_dir, [j.key for j in all_jobs])
 
 
-def _settings_for(pipe, settings: SamplingSettings) -> SamplingSettings:
+def _capped(settings: SamplingSettings, defaults) -> SamplingSettings:
     """The run's settings, with the text length capped to what the model takes (the tiny model: 512)."""
-    from ditq.models.loading import pipeline_info
-
-    cap = pipeline_info(pipe).max_sequence_length
-    if settings.max_sequence_length <= cap:
-        return settings
-    from dataclasses import replace
-
-    return replace(settings, max_sequence_length=cap)
+    cap = defaults.max_sequence_length
+    return settings if settings.max_sequence_length <= cap else replace(settings, max_sequence_length=cap)
 
 
 def _barrier(world: int) -> None:
