@@ -10,8 +10,6 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from ditq.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -38,27 +36,18 @@ def calibration_captions(eval_suite: str, n: int) -> list[str]:
     return picked
 
 
-def ensure_calibration(args, out: Path, settings) -> Path:
-    from ditq.models.loading import load_pipeline
-    from ditq.quant.calibration import calibrate_pipeline
+def ensure_calibration(args, out: Path, settings, options=None) -> Path:
+    """`out/calibration.safetensors` (kept when it exists): the reference over held-out captions, under the
+    run's offload policy."""
+    from ditq.models.execution import ExecutionOptions
+    from ditq.runs.placed import calibrate_placed
 
     path = out / "calibration.safetensors"
     if path.is_file():
         return path
     captions = calibration_captions(args.suite, args.calibration_samples)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    pipe = load_pipeline(args.model, device=args.device, dtype=dtype)
-    stats = calibrate_pipeline(
-        pipe,
-        captions,
-        height=settings.height,
-        width=settings.width,
-        steps=settings.steps,
-        guidance_schedule=list(settings.guidance_schedule),
-        mu=settings.mu,
-        std=settings.std,
-        max_sequence_length=settings.max_sequence_length,
-    )
+    options = options or ExecutionOptions(device=str(args.device), dtype=args.dtype)
+    stats = calibrate_placed(args.model, captions, settings, options)
     out.mkdir(parents=True, exist_ok=True)
     stats.save(path)
     return path
@@ -72,36 +61,52 @@ def _bench_recipe(name: str, args, stats):
     return parse_recipe(name)
 
 
-def run_bench(args, variant_names: list[str], build_spec: Callable, on_step: Callable[[str], None]):
+def run_bench(
+    args, variant_names: list[str], build_spec: Callable, on_step: Callable[[str], None], options=None
+):
+    """Calibrate, quantize every variant not on disk yet, run, score and report; returns the report's paths.
+
+    A name's @suffix (`int8@attn8`) runs the same quantized folder another way, so it is quantized once. LoRAs
+    (`--lora`) are applied to every variant, the reference included: each quantized variant is judged against
+    the reference with the same LoRAs (as bf16 branches), on the same paired noise."""
     from ditq.metrics import evaluate_run
+    from ditq.models.execution import ExecutionOptions, split_variant
     from ditq.quant.recipes import recipe_names
     from ditq.quant.writer import quantize_pipeline
     from ditq.report import build_report
     from ditq.runs.generation import run_generation
 
     out: Path = args.output
+    options = options or ExecutionOptions(device=str(args.device), dtype=args.dtype)
     known = recipe_names()
-    unknown = [v for v in variant_names if v != args.reference and not all(p in known for p in v.split("+"))]
+    bases = {name: split_variant(name)[0] for name in variant_names}
+    unknown = [
+        v for v, b in bases.items() if b != args.reference and not all(p in known for p in b.split("+"))
+    ]
     if unknown:
         raise ConfigError(
             f"--variants: unknown variant(s) {', '.join(unknown)}; known: {args.reference}, {', '.join(known)}, "
-            "or a per-branch mix such as int8+q4_k"
+            "or a per-branch mix such as int8+q4_k, each optionally with @attn8"
         )
     if args.reference not in variant_names:
         variant_names = [args.reference, *variant_names]
-    # Settings first (from the reference model's defaults), so calibration follows the run's schedule.
+        bases[args.reference] = args.reference
+    # Settings first (from the reference model's defaults), so calibration follows the run's schedule; the
+    # LoRA flags are checked here too, before any work.
     spec0 = build_spec(args, {args.reference: args.model})
+    if spec0.loras:
+        on_step("LoRAs on every variant: " + ", ".join(f"{s.path}:{s.strength:g}" for s in spec0.loras))
     stats = None
-    if any("int8" in v.split("+") for v in variant_names):
+    if any("int8" in bases[v].split("+") for v in variant_names):
         on_step("calibrating int8 on held-out captions")
-        stats = ensure_calibration(args, out, spec0.settings)
-    variants = {args.reference: args.model}
-    for name in variant_names:
-        if name == args.reference:
+        stats = ensure_calibration(args, out, spec0.settings, options)
+    folders = {args.reference: args.model}
+    for base in dict.fromkeys(bases[v] for v in variant_names):
+        if base in folders:
             continue
-        folder = out / "variants" / name
-        on_step(f"quantizing {name} -> {folder}")
-        cond, _, uncond = name.partition("+")
+        folder = out / "variants" / base
+        on_step(f"quantizing {base} -> {folder}")
+        cond, _, uncond = base.partition("+")
         quantize_pipeline(
             args.model,
             _bench_recipe(cond, args, stats),
@@ -109,13 +114,12 @@ def run_bench(args, variant_names: list[str], build_spec: Callable, on_step: Cal
             uncond_recipe=_bench_recipe(uncond, args, stats) if uncond else None,
             stats=stats,
         )
-        variants[name] = str(folder)
+        folders[base] = str(folder)
+    variants = {args.reference: args.model, **{name: folders[bases[name]] for name in variant_names}}
     spec = build_spec(args, variants)
     run_dir = out / "run"
     on_step(f"generating {len(variants)} variants x suite {spec.suite} x seeds {list(spec.seeds)}")
-    run_generation(
-        run_dir, spec, device=args.device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    )
+    run_generation(run_dir, spec, options=options)
     on_step("scoring images")
     result = evaluate_run(run_dir, metrics=args.metrics, device=args.device, reference=args.reference)
     for name, status in result.statuses.items():

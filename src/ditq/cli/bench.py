@@ -32,6 +32,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from ditq.bench import run_bench
+    from ditq.cli.generate import execution_from_args
 
     variant_names = [v.strip() for v in args.variants.split(",") if v.strip()]
     args.variant_dir = args.output / "variants"
@@ -40,6 +41,7 @@ def run(args) -> int:
         variant_names,
         build_spec=build_spec,
         on_step=lambda msg: print(f"[bench] {msg}", flush=True),
+        options=execution_from_args(args),
     )
     print(f"report: {paths.index_html}")
     print(f"        {paths.markdown}")

@@ -11,7 +11,8 @@ from ditq.errors import ConfigError
 
 
 def add_parser(subparsers) -> None:
-    from ditq.cli.generate import add_sampling_args
+    from ditq.cli.generate import add_offload_arg, add_sampling_args
+    from ditq.models.execution import OFFLOAD
 
     p = subparsers.add_parser(
         "calibrate", help="record activation statistics for INT8 / GGUF", description=__doc__
@@ -42,6 +43,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype (default bf16)")
+    add_offload_arg(p, OFFLOAD, "auto")
     add_sampling_args(p)
     p.set_defaults(func=run)
 
@@ -79,9 +81,10 @@ def default_captions() -> list[str]:
 
 
 def run(args) -> int:
-    from ditq.cli.generate import settings_from_args, torch_dtype
-    from ditq.models.loading import load_pipeline, pipeline_info
-    from ditq.quant.calibration import calibrate_pipeline
+    from ditq.cli.generate import execution_from_args, settings_from_args
+    from ditq.models.loading import model_defaults, resolve_source
+    from ditq.runs.placed import calibrate_placed
+    from ditq.runs.variant import resolve_policy
 
     captions = read_captions(args.captions) if args.captions else default_captions()
     if args.samples < 1:
@@ -91,24 +94,20 @@ def run(args) -> int:
         raise ConfigError(f"--samples {args.samples}: {where} has only {len(captions)} captions")
     if args.buckets < 1:
         raise ConfigError(f"--buckets must be >= 1, got {args.buckets}")
-    pipe = load_pipeline(args.model, device=args.device, dtype=torch_dtype(args.dtype))
-    s = settings_from_args(args, pipeline_info(pipe))
-    stats = calibrate_pipeline(
-        pipe,
+    s = settings_from_args(args, model_defaults(resolve_source(args.model)))
+    options = execution_from_args(args)
+    stats = calibrate_placed(
+        args.model,
         captions[: args.samples],
-        height=s.height,
-        width=s.width,
-        steps=s.steps,
-        guidance_schedule=s.guidance_schedule,
-        mu=s.mu,
-        std=s.std,
-        max_sequence_length=s.max_sequence_length,
+        s,
+        options,
         seed=args.seed,
         buckets=[i / args.buckets for i in range(args.buckets + 1)],
         sample_tokens=args.sample_tokens,
         probes_per_bucket=args.probes_per_bucket,
     )
     stats.meta["model"] = args.model
+    stats.meta["offload"] = resolve_policy(options, args.model, s)
     path = stats.save(args.output)
     counts = {tr: len(m) for tr, m in stats.modules.items()}
     print(f"{path}: {args.samples} captions x {s.steps} steps, inputs recorded per transformer: {counts}")

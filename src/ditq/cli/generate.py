@@ -13,6 +13,14 @@ def add_common_model_args(p) -> None:
     p.add_argument("--model", default="tiny", help="'tiny' (default), a pipeline folder or a hub id")
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1 ...")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype (default bf16)")
+    add_execution_args(p)
+    add_lora_args(p)
+
+
+def add_execution_args(p, offload: bool = True) -> None:
+    """--fp8-compute, --compile, --attention and (with `offload`) --offload: how a pipeline runs."""
+    from ditq.models.execution import OFFLOAD
+
     p.add_argument(
         "--fp8-compute",
         default="dequant",
@@ -30,6 +38,60 @@ def add_common_model_args(p) -> None:
         choices=("sdpa", "int8"),
         help="attention kernel: sdpa (default) or int8 (comfy-kitchen's INT8 attention, CUDA)",
     )
+    if offload:
+        add_offload_arg(p, OFFLOAD, "auto")
+
+
+def add_offload_arg(p, choices, default: str) -> None:
+    p.add_argument(
+        "--offload",
+        default=default,
+        choices=choices,
+        help=f"where components live while generating (default {default}): none (all on the device), encoder "
+        "(encode every prompt first, then free the text encoder), group (also stream the transformers block by "
+        "block), model / sequential (diffusers' CPU offload), auto (the fastest policy the planner says fits the "
+        "device; none on a CPU). Images are the same under every policy",
+    )
+
+
+def add_lora_args(p) -> None:
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:STRENGTH]",
+        help="apply a LoRA (.safetensors: diffusers/peft, kohya, ComfyUI layouts) beside every variant's layers at "
+        "STRENGTH (default 1.0); repeatable",
+    )
+    p.add_argument(
+        "--lora-strict", action="store_true", help="refuse a LoRA file with keys ditq does not apply"
+    )
+
+
+def execution_from_args(args):
+    """`ExecutionOptions` from the flags of `add_common_model_args` / `add_execution_args`."""
+    from ditq.models.execution import ExecutionOptions
+
+    return ExecutionOptions(
+        device=str(args.device),
+        dtype=args.dtype,
+        fp8_compute=getattr(args, "fp8_compute", "dequant"),
+        compile=bool(getattr(args, "compile", False)),
+        attention=getattr(args, "attention", "sdpa"),
+        offload=getattr(args, "offload", "none"),
+    )
+
+
+def loras_from_args(args) -> tuple:
+    """The `--lora PATH[:STRENGTH]` flags as `LoraSpec`s (files checked now, before any model is loaded)."""
+    from ditq.lora.spec import parse_lora_arg
+
+    specs = tuple(parse_lora_arg(text) for text in getattr(args, "lora", None) or [])
+    names = [s.label for s in specs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"--lora: two LoRAs named {twice[0]!r} (files with the same stem); rename one")
+    return specs
 
 
 def add_sampling_args(p) -> None:
@@ -131,26 +193,28 @@ def parse_seeds(text: str) -> list[int]:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from ditq.models.loading import load_pipeline, pipeline_info
+    from ditq.lora import lora_records
+    from ditq.models.loading import model_defaults, pipeline_info, resolve_source
     from ditq.models.sampling import check_size, generate, png_metadata
+    from ditq.runs.placed import placed_pipeline
 
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     seeds = parse_seeds(args.seed)
-    pipe = load_pipeline(
-        args.model,
-        device=args.device,
-        dtype=torch_dtype(args.dtype),
-        fp8_compute=args.fp8_compute,
-        compile=args.compile,
-        attention=args.attention,
+    loras = loras_from_args(args)
+    opts = execution_from_args(args)
+    settings = settings_from_args(args, model_defaults(resolve_source(args.model)))
+    pipe, conds, policy = placed_pipeline(
+        args.model, prompts, settings, opts, loras=loras, lora_strict=args.lora_strict
     )
     info = pipeline_info(pipe)
-    settings = settings_from_args(args, info)
     check_size(pipe, settings)
+    extra = {"loras": lora_records(loras)} if loras else {}
+    if opts.attention != "sdpa":
+        extra["attention"] = opts.attention
     args.output.mkdir(parents=True, exist_ok=True)
     jobs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
     for i, prompt, seed in tqdm(jobs, desc="generate", unit="img", disable=len(jobs) < 2):
-        image = generate(pipe, prompt, seed, settings)
+        image = generate(pipe, prompt, seed, settings, cond=conds.get(prompt))
         path = args.output / f"{i:03d}_s{seed}.png"
         meta = png_metadata(
             prompt=prompt,
@@ -160,6 +224,8 @@ def run(args) -> int:
             settings=settings.to_dict(),
             dtype=args.dtype,
             device=str(args.device),
+            offload=policy,
+            **extra,
         )
         tmp = path.with_name(path.name + ".partial")
         image.save(tmp, format="PNG", pnginfo=meta)

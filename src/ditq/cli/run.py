@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ditq.cli.generate import add_sampling_args, torch_dtype
+from ditq.cli.generate import add_execution_args, add_lora_args, add_sampling_args, execution_from_args
 from ditq.errors import ConfigError
 
 
@@ -27,7 +27,7 @@ def add_run_args(p) -> None:
         "--variants",
         default="fp8",
         help="comma-separated variants: the reference name (fp8), recipe names found in --variant-dir, "
-        "or name=FOLDER (default: fp8)",
+        "or name=FOLDER; a suffix @attn8 runs that variant with INT8 attention (int8@attn8) (default: fp8)",
     )
     p.add_argument("--variant-dir", type=Path, help="folder holding quantized variants as <dir>/<name>")
     p.add_argument("--reference", default="fp8", help="name of the reference variant (default fp8)")
@@ -37,34 +37,41 @@ def add_run_args(p) -> None:
     p.add_argument("--caption-modes", default="json", help="json, raw or json,raw (the ablation)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    add_execution_args(p)
+    add_lora_args(p)
     add_sampling_args(p)
 
 
 def resolve_variants(args) -> dict[str, str]:
+    """{variant name: model} from --variants; a name's @suffix (`int8@attn8`) names how it runs, and its model is
+    that of the name before the suffix."""
+    from ditq.models.execution import split_variant
     from ditq.quant.recipes import recipe_names
 
     known_recipes = recipe_names()
+    variant_dir = args.variant_dir or Path("variants")
     variants: dict[str, str] = {}
     for item in [v.strip() for v in args.variants.split(",") if v.strip()]:
         name, _, path = item.partition("=")
+        base, _ = split_variant(name)
         if path:
             if not Path(path).is_dir():
                 raise ConfigError(f"--variants {name}={path}: no such folder")
             variants[name] = path
-        elif name == args.reference:
+        elif base == args.reference:
             variants[name] = args.model
-        elif ((args.variant_dir or Path("variants")) / name / "model_index.json").is_file():
-            variants[name] = str((args.variant_dir or Path("variants")) / name)
-        elif name in known_recipes or _is_mix(name, known_recipes):
-            folder = (args.variant_dir or Path("variants")) / name
+        elif (variant_dir / base / "model_index.json").is_file():
+            variants[name] = str(variant_dir / base)
+        elif base in known_recipes or _is_mix(base, known_recipes):
+            folder = variant_dir / base
             raise ConfigError(
                 f"--variants {name}: no quantized model at {folder}; make it with "
-                f"`ditq quantize {args.model} --recipe {name} -o {folder}` or pass {name}=FOLDER"
+                f"`ditq quantize {args.model} --recipe {base} -o {folder}` or pass {name}=FOLDER"
             )
         else:
             known = ", ".join([args.reference, *known_recipes])
             raise ConfigError(
-                f"--variants: unknown variant {name!r} (no folder {(args.variant_dir or Path('variants')) / name}); "
+                f"--variants: unknown variant {name!r} (no folder {variant_dir / base}); "
                 f"known recipes: {known}, or name=FOLDER"
             )
     if args.reference not in variants:
@@ -79,11 +86,13 @@ def _is_mix(name: str, known: list[str]) -> bool:
 
 
 def build_spec(args, variants: dict[str, str]):
-    from ditq.cli.generate import parse_seeds, settings_from_args
+    from ditq.cli.generate import loras_from_args, parse_seeds, settings_from_args
+    from ditq.models.execution import split_variant
     from ditq.models.loading import model_defaults, resolve_source
     from ditq.runs.generation import RunSpec
 
     settings = settings_from_args(args, model_defaults(resolve_source(variants[args.reference])))
+    overrides = {name: split_variant(name)[1] for name in variants}
     return RunSpec(
         variants=variants,
         suite=args.suite,
@@ -92,6 +101,9 @@ def build_spec(args, variants: dict[str, str]):
         settings=settings,
         reference_variant=args.reference,
         limit=args.limit,
+        variant_options={name: o for name, o in overrides.items() if o},
+        loras=loras_from_args(args),
+        lora_strict=bool(getattr(args, "lora_strict", False)),
     )
 
 
@@ -100,7 +112,7 @@ def run(args) -> int:
 
     variants = resolve_variants(args)
     spec = build_spec(args, variants)
-    result = run_generation(args.output, spec, device=args.device, dtype=torch_dtype(args.dtype))
+    result = run_generation(args.output, spec, options=execution_from_args(args))
     rank, _, _ = distributed_env()
     if rank == 0:
         print(

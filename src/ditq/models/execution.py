@@ -12,6 +12,9 @@ from ditq.errors import ConfigError
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 ATTENTION = ("sdpa", "int8")
 OFFLOAD = ("none", "encoder", "model", "group", "sequential", "auto")
+# Variant-name suffixes that change how a variant runs, not what it is: `int8@attn8` is the `int8` folder run with
+# INT8 attention, so one run compares both kernels on the same weights.
+VARIANT_SUFFIXES: dict[str, dict[str, str]] = {"attn8": {"attention": "int8"}}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +46,21 @@ class ExecutionOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def split_variant(name: str) -> tuple[str, dict[str, str]]:
+    """`int8@attn8` -> ("int8", {"attention": "int8"}): the variant's model name and its execution overrides
+    (`VARIANT_SUFFIXES`; several suffixes may follow each other). A name without `@` has none."""
+    base, *suffixes = name.split("@")
+    overrides: dict[str, str] = {}
+    for suffix in suffixes:
+        if suffix not in VARIANT_SUFFIXES:
+            known = ", ".join(f"@{k}" for k in VARIANT_SUFFIXES)
+            raise ConfigError(f"variant {name!r}: unknown suffix @{suffix}; known: {known}")
+        overrides.update(VARIANT_SUFFIXES[suffix])
+    if not base:
+        raise ConfigError(f"variant {name!r}: no variant name before the @suffix")
+    return base, overrides
 
 
 def compile_transformers(pipe) -> None:

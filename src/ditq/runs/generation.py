@@ -7,11 +7,8 @@ of ranks produces the same images as one process. Rank and world size come from 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import resource
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -20,18 +17,19 @@ import torch
 from ditq._version import __version__
 from ditq.errors import ConfigError
 from ditq.host import host_record
+from ditq.lora.spec import LoraSpec, lora_records
 from ditq.models.execution import ExecutionOptions
-from ditq.models.sampling import SamplingSettings, initial_noise, png_metadata
-from ditq.runs.embeddings import EmbeddingCache, ensure_embeddings
+from ditq.models.sampling import SamplingSettings
+from ditq.runs.embeddings import EmbeddingCache
 from ditq.runs.manifest import (
     RUN_FILE,
-    append_jsonl,
     check_compatible,
     finished,
     image_key,
     merge_manifests,
     write_json_atomic,
 )
+from ditq.runs.variant import VariantRun, check_variants, resolve_policy, variant_options
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +47,17 @@ class RunSpec:
     limit: int | None = None  # only the first N prompts of the suite
     # per-variant execution options over the run's (e.g. {"int8@attn8": {"attention": "int8"}})
     variant_options: dict[str, dict] = field(default_factory=dict)
+    # LoRAs applied to every variant (the reference too), as branches; part of what the images are
+    loras: tuple[LoraSpec, ...] = ()
+    lora_strict: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "loras", tuple(self.loras))
+        if not all(isinstance(s, LoraSpec) for s in self.loras):
+            raise ConfigError("RunSpec.loras must be LoraSpec objects (ditq.lora.parse_lora_spec)")
+        unknown = [n for n in self.variant_options if n not in self.variants]
+        if unknown:
+            raise ConfigError(f"RunSpec.variant_options: no variant named {unknown[0]!r}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be >= 1, got {self.limit}")
         if not self.variants:
@@ -111,32 +118,6 @@ def distributed_env() -> tuple[int, int, int]:
     )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _variant_record(name: str, model: str, pipe) -> dict:
-    from ditq.models.loading import pipeline_info
-    from ditq.models.sizes import files_on_disk, resident_bytes
-
-    info = pipeline_info(pipe)
-    folder = info.folder
-    comps = ("transformer", "unconditional_transformer", "text_encoder", "vae")
-    return {
-        "model": model,
-        "folder": str(folder),
-        "format": info.variant,
-        "bytes_on_disk": {c: sum(files_on_disk(folder / c).values()) for c in comps},
-        "resident_bytes": {
-            c: resident_bytes(getattr(pipe, c)) for c in comps if getattr(pipe, c) is not None
-        },
-    }
-
-
 def _run_record(spec: RunSpec, prompts: list) -> dict:
     return {
         "suite": spec.suite,
@@ -146,19 +127,24 @@ def _run_record(spec: RunSpec, prompts: list) -> dict:
         "settings": spec.settings.to_dict(),
         "reference_variant": spec.reference_variant,
         "variants": {},
+        "loras": lora_records(spec.loras),
         "ditq_version": __version__,
     }
 
 
-def prepare_run_dir(run_dir: Path, spec: RunSpec) -> dict:
-    """Create or check `run.json` and `prompts.jsonl`; returns the run record."""
+def prepare_run_dir(run_dir: Path, spec: RunSpec, options: ExecutionOptions | None = None) -> dict:
+    """Create or check `run.json` and `prompts.jsonl`; returns the run record. Each variant records its model and
+    the execution options that change its pixels (attention kernel, dtype, FP8 compute)."""
     import json
 
     from ditq.prompts.suite import load_suite
 
     prompts = load_suite(spec.suite)[: spec.limit]
     record = _run_record(spec, prompts)
-    record["variants"] = {n: {"model": m} for n, m in spec.variants.items()}
+    options = options or ExecutionOptions()
+    record["variants"] = {
+        n: {"model": m, **pixel_options(variant_options(options, spec, n))} for n, m in spec.variants.items()
+    }
     path = run_dir / RUN_FILE
     if path.is_file():
         existing = json.loads(path.read_text())
@@ -190,6 +176,11 @@ def prepare_run_dir(run_dir: Path, spec: RunSpec) -> dict:
     return record
 
 
+def pixel_options(options: ExecutionOptions) -> dict:
+    """The execution options that change an image (the others, offload and compile, leave it bit-identical)."""
+    return {"attention": options.attention, "dtype": options.dtype, "fp8_compute": options.fp8_compute}
+
+
 def run_generation(
     run_dir: str | os.PathLike,
     spec: RunSpec,
@@ -201,7 +192,8 @@ def run_generation(
 ) -> dict:
     """Generate the missing images of this rank's shard; returns {"generated", "skipped", "total"}.
 
-    `options` says how (device, dtype, compile, attention, offload policy; `device` and `dtype` are its shorthand).
+    `options` says how (device, dtype, compile, attention, offload policy; `device` and `dtype` are its shorthand),
+    `spec.variant_options` how each variant differs, `spec.loras` the LoRAs applied to every variant.
     Every prompt is encoded once, with only the text encoder on the device, and cached in the run folder; then
     each variant denoises from the cache. `stop_after` stops after that many new images (tests of resume).
     """
@@ -211,8 +203,9 @@ def run_generation(
     run_dir = Path(run_dir)
     rank, world, local_rank = distributed_env()
     options = replace(options, device=rank_device(options.device, world, local_rank))
+    check_variants(spec, options)
     if rank == 0:
-        record = prepare_run_dir(run_dir, spec)
+        record = prepare_run_dir(run_dir, spec, options)
         record["host"] = host_record(options.device)  # of the latest invocation: threads, load, CPU or GPU
         record["tiny"] = _is_tiny(spec.variants[spec.reference_variant])
         record["execution"] = options.to_dict()
@@ -234,7 +227,7 @@ def run_generation(
                 continue
             if budget.exhausted:
                 break
-            ctx = _VariantRun(run_dir, spec, variant, model, options, manifest, budget, bar, cache)
+            ctx = VariantRun(run_dir, spec, variant, model, options, manifest, budget, bar, cache)
             variant_info[variant] = ctx.run(jobs)
     result = {"generated": budget.used, "skipped": len(mine) - len(todo), "total": len(all_jobs)}
     if budget.exhausted:
@@ -266,122 +259,6 @@ class _Budget:
         return self.limit is not None and self.used >= self.limit
 
 
-@dataclass
-class _VariantRun:
-    """One variant's share of a run: its embeddings, its pipeline under its placement policy, its images."""
-
-    run_dir: Path
-    spec: RunSpec
-    variant: str
-    model: str
-    options: ExecutionOptions
-    manifest: Path
-    budget: _Budget
-    bar: object
-    cache: EmbeddingCache
-
-    def run(self, jobs: list[Job]) -> dict:
-        from ditq.models.loading import load_pipeline, model_defaults, resolve_source
-        from ditq.models.placement import apply_policy, load_device, release
-
-        opts = replace(self.options, **self.spec.variant_options.get(self.variant, {}))
-        settings = _capped(self.spec.settings, model_defaults(resolve_source(self.model)))
-        keys = ensure_embeddings(
-            self.cache, self.model, [j.text for j in jobs], settings, opts.device, opts.torch_dtype
-        )
-        policy = resolve_policy(opts, self.model, settings)
-        pipe = load_pipeline(
-            self.model,
-            device=load_device(policy, opts.device),
-            dtype=opts.torch_dtype,
-            fp8_compute=opts.fp8_compute,
-            compile=opts.compile,
-            attention=opts.attention,
-            parts="denoiser",
-        )
-        apply_policy(pipe, policy, opts.device)
-        info = {
-            **_variant_record(self.variant, self.model, pipe),
-            "offload": policy,
-            "execution": opts.to_dict(),
-        }
-        for n, job in enumerate(jobs):
-            if self.budget.exhausted:
-                break
-            cond = self.cache.get(keys[job.text])
-            record = _generate_job(pipe, job, self.model, settings, self.run_dir, opts.device, cond)
-            record["warmup"] = n == 0  # the first image of a loaded variant pays one-time costs
-            record["offload"] = policy
-            append_jsonl(self.manifest, record)
-            self.budget.used += 1
-            self.bar.update()
-        release(pipe)
-        return info
-
-
-def resolve_policy(options: ExecutionOptions, model: str, settings: SamplingSettings) -> str:
-    """The offload policy a variant runs under: the given one, or the planner's choice for `auto`."""
-    if options.offload != "auto":
-        return options.offload
-    from ditq.quant.plan import choose_policy
-
-    return choose_policy(model, settings, options.device)
-
-
-def _generate_job(
-    pipe, job: Job, model: str, settings: SamplingSettings, run_dir: Path, device: str, cond=None
-) -> dict:
-    """One image of the run: generated from its paired noise, written atomically; returns its manifest record."""
-    from ditq.models.denoise import StepTimer
-    from ditq.models.sampling import generate
-
-    noise = initial_noise(pipe, job.seed, settings)
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    timer = StepTimer(device)
-    t0 = time.perf_counter()
-    image = generate(pipe, job.text, job.seed, settings, latents=noise, timer=timer, cond=cond)
-    wall = time.perf_counter() - t0
-    if cuda:
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out = run_dir / job.path
-    _save_png(image, out, job, model, settings)
-    return {
-        "variant": job.variant,
-        "prompt_id": job.prompt_id,
-        "seed": job.seed,
-        "caption_mode": job.caption_mode,
-        "category": job.category,
-        "path": job.path,
-        "sha256": _sha256(out),
-        "noise_sha256": hashlib.sha256(noise.numpy().tobytes()).hexdigest(),
-        "wall_s": round(wall, 4),
-        "step_s": [round(t, 5) for t in timer.steps],
-        "peak_mem_bytes": int(peak),
-        "peak_mem_kind": "cuda_allocated" if cuda else "process_rss",
-        "device": str(device),
-    }
-
-
-def _save_png(image, out: Path, job: Job, model: str, settings: SamplingSettings) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    meta = png_metadata(
-        prompt=job.text,
-        prompt_id=job.prompt_id,
-        seed=job.seed,
-        variant=job.variant,
-        model=model,
-        caption_mode=job.caption_mode,
-        settings=settings.to_dict(),
-    )
-    image.save(tmp, format="PNG", pnginfo=meta)
-    os.replace(tmp, out)
-
-
 def _finish_run(
     run_dir: Path, variant_info: dict, device: str, dtype: torch.dtype, all_jobs: list[Job]
 ) -> None:
@@ -397,12 +274,6 @@ def _finish_run(
     merge_manifests(run_dir, [j.key for j in all_jobs])
 
 
-def _capped(settings: SamplingSettings, defaults) -> SamplingSettings:
-    """The run's settings, with the text length capped to what the model takes (the tiny model: 512)."""
-    cap = defaults.max_sequence_length
-    return settings if settings.max_sequence_length <= cap else replace(settings, max_sequence_length=cap)
-
-
 def _barrier(world: int) -> None:
     if world <= 1:
         return
@@ -413,4 +284,4 @@ def _barrier(world: int) -> None:
     dist.barrier()
 
 
-__all__ = ["Job", "RunSpec", "plan_jobs", "run_generation", "image_key"]
+__all__ = ["Job", "RunSpec", "image_key", "plan_jobs", "resolve_policy", "run_generation"]

@@ -21,6 +21,8 @@ RUN_FILE = "run.json"
 MANIFEST = "manifest.jsonl"
 # Fields of run.json that every later invocation must match exactly.
 FROZEN_FIELDS = ("suite", "prompt_ids", "seeds", "caption_modes", "settings", "reference_variant")
+# Execution options recorded per variant that change its pixels: a resumed run must use the same.
+PIXEL_OPTIONS = ("attention", "dtype", "fp8_compute")
 
 
 def image_key(rec: dict) -> tuple[str, str, int, str]:
@@ -107,9 +109,35 @@ def check_compatible(existing: dict, new: dict, run_dir: Path) -> None:
                 f"{run_dir / RUN_FILE}: this run was made with {key} = {a}, not {b}; "
                 "use another output folder to run other settings"
             )
+    _check_loras(existing.get("loras") or [], new.get("loras") or [], run_dir)
     for name, var in new.get("variants", {}).items():
         old = existing.get("variants", {}).get(name)
         if old and old.get("model") != var.get("model"):
             raise ConfigError(
                 f"{run_dir / RUN_FILE}: variant {name!r} was made from {old.get('model')}, not {var.get('model')}"
             )
+        for key in PIXEL_OPTIONS:
+            if old and key in old and key in var and old[key] != var[key]:
+                raise ConfigError(
+                    f"{run_dir / RUN_FILE}: variant {name!r} was made with {key} {old[key]}, not {var[key]}; "
+                    "use another output folder (or another variant name) to run it otherwise"
+                )
+
+
+def _check_loras(old: list[dict], new: list[dict], run_dir: Path) -> None:
+    """The LoRAs are part of what every image is: the same files (by sha256), strengths and rules, in order."""
+    from ditq.lora.spec import lora_key
+
+    if lora_key(old) == lora_key(new):
+        return
+
+    def said(recs: list[dict]) -> str:
+        return (
+            ", ".join(f"{r.get('path')}:{r.get('strength')} ({str(r.get('sha256'))[:12]})" for r in recs)
+            or "none"
+        )
+
+    raise ConfigError(
+        f"{run_dir / RUN_FILE}: this run was made with LoRAs {said(old)}, not {said(new)}; "
+        "use another output folder to run other LoRAs"
+    )
