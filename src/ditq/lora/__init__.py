@@ -63,6 +63,7 @@ from ditq.lora.api import (
     applied_loras,
     apply_lora,
     apply_loras,
+    check_folder_loras,
     set_branch_kernel,
     set_lora_strength,
     unload_lora,
@@ -70,7 +71,7 @@ from ditq.lora.api import (
 from ditq.lora.files import LoraFactors, LoraFile, read_lora
 from ditq.lora.frames import LayerFrame, smoothing_frames
 from ditq.lora.merge import merge_lora_, merge_lora_folder, merged_weight
-from ditq.lora.spec import LoraSpec, parse_lora_spec
+from ditq.lora.spec import LoraSpec, lora_records, parse_lora_arg, parse_lora_spec
 
 __all__ = [
     "AppliedLora",
@@ -81,9 +82,12 @@ __all__ = [
     "applied_loras",
     "apply_lora",
     "apply_loras",
+    "check_folder_loras",
+    "lora_records",
     "merge_lora_",
     "merge_lora_folder",
     "merged_weight",
+    "parse_lora_arg",
     "parse_lora_spec",
     "read_lora",
     "set_branch_kernel",

@@ -91,9 +91,14 @@ def recorded_frames(target, branch: str) -> dict[str, LayerFrame] | None:
 
 
 def _recorded_groups(info, branch: str) -> Mapping | None:
-    if info is None or info.record is None:
+    return None if info is None else _record_groups(info.record, branch)
+
+
+def _record_groups(record, branch: str) -> Mapping | None:
+    """The INT8 recipe's smoothing groups of one transformer in a folder's record (`ditq.json`), if any."""
+    if record is None:
         return None
-    summary = info.record.summary.get(branch)
+    summary = record.summary.get(branch)
     recipe = summary.get("recipe") if isinstance(summary, Mapping) else None
     groups = recipe.get("groups") if isinstance(recipe, Mapping) else None
     return groups if isinstance(groups, Mapping) else None
@@ -115,6 +120,34 @@ def _check_frames(target, branch: str, layers, frames: Mapping[str, LayerFrame] 
             "to map the LoRA there. Merge the LoRA before quantizing (ditq.lora.merge_lora_folder, "
             "`ditq quantize --lora`), use an INT8 variant quantized with smoothquant=False, or pass frames="
         )
+
+
+def check_folder_loras(folder: str | Path, specs: Sequence[LoraSpec], variant: str) -> None:
+    """Refuse, before anything is loaded, LoRAs that `apply_loras` would refuse on the pipeline at `folder`: layers
+    that a folded SmoothQuant moved into scaled coordinates, with no smoothing vectors recorded to map them."""
+    from ditq.lora.targets import config_linear_shapes
+    from ditq.models.loading import read_record
+
+    folder = Path(folder)
+    record = read_record(folder)
+    for b in BRANCHES:
+        groups = _record_groups(record, b)
+        moved = affected_layers(groups or {})
+        if not moved:
+            continue
+        vectors = read_smoothing(folder, b)
+        frames = smoothing_frames(groups, vectors) if vectors is not None else {}
+        shapes = config_linear_shapes(folder / b)
+        for spec in specs:
+            factors, _ = resolve(read_lora(spec.path, unprefixed=spec.unprefixed), b, shapes)
+            blind = [n for n in sorted(factors) if n in moved and n not in frames]
+            if blind:
+                raise ConfigError(
+                    f"variant {variant}: LoRA {spec.path} adapts {b} layer {blind[0]}, which is INT8 with "
+                    f"SmoothQuant folded into its neighbours, and {folder} records no smoothing vectors to map "
+                    "the LoRA there; leave the variant out, or merge the LoRA before quantizing "
+                    "(`ditq quantize --lora`)"
+                )
 
 
 def _resolve_all(target, lora: LoraFile, branch: str, frames) -> tuple[dict, dict, list[str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,3 +67,30 @@ def parse_lora_spec(text: str) -> LoraSpec:
             raise ConfigError(f"--lora {text}: strength {tail!r} is not a finite number")
         return LoraSpec(path=path, strength=strength)
     return LoraSpec(path=text)
+
+
+def parse_lora_arg(text: str) -> LoraSpec:
+    """`--lora PATH[:STRENGTH]` checked for the command line: the file must exist, and a `:` after an existing
+    file must be followed by a number (`style.safetensors:strong` is refused, not read as a file name)."""
+    spec = parse_lora_spec(text)
+    if Path(spec.path).is_file():
+        return spec
+    head, sep, tail = text.rpartition(":")
+    if sep and head and Path(head).is_file():
+        raise ConfigError(f"--lora {text}: strength {tail!r} is not a number (expected PATH[:STRENGTH])")
+    raise ConfigError(f"--lora {text}: no such LoRA file {spec.path}")
+
+
+def lora_records(specs: Sequence[LoraSpec]) -> list[dict]:
+    """What a run or an image records of its LoRAs: file, name, sha256 of the file, strength, unprefixed rule."""
+    from ditq.io.files import file_sha256
+
+    return [{**s.to_dict(), "sha256": file_sha256(s.path)} for s in specs]
+
+
+def lora_key(records: Sequence[dict]) -> list[tuple]:
+    """The part of `lora_records` that changes the images (not where the file lies): (sha256, strength,
+    unprefixed) in order."""
+    return [
+        (r.get("sha256"), float(r.get("strength", 1.0)), r.get("unprefixed", "transformer")) for r in records
+    ]
