@@ -1,6 +1,8 @@
 """`ditq quantize MODEL --recipe R -o DIR`: write a complete pipeline folder with both transformers quantized.
 
 `--uncond-recipe R2` quantizes the unconditional transformer with another recipe (a per-branch mix, named R+R2).
+`--lora PATH[:STRENGTH]` (repeatable) merges LoRAs into the bf16 weights first and quantizes the merged model: the
+reference path for a LoRA (no branch at run time); ditq.json records the files, their sha256 and strengths.
 A folder that already holds the same recipes, source and statistics is reused; any other is refused unless
 `--force` is given.
 """
@@ -38,6 +40,16 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--fragility", type=Path, help="int8: fragility table (ditq sensitivity) ranking the layers"
     )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:STRENGTH]",
+        help="merge a LoRA into the bf16 weights before quantizing (default strength 1.0); repeatable",
+    )
+    p.add_argument(
+        "--lora-strict", action="store_true", help="refuse a LoRA file with keys ditq does not apply"
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=run)
 
@@ -63,23 +75,54 @@ def recipe_from_args(name: str, args):
 def run(args) -> int:
     import logging
 
-    from ditq.quant.writer import quantize_pipeline
+    from ditq.cli.generate import loras_from_args
 
     recipe = recipe_from_args(args.recipe, args)
     uncond = None if args.uncond_recipe is None else recipe_from_args(args.uncond_recipe, args)
+    loras = loras_from_args(args)
     if args.stats is None and any(getattr(r, "smoothquant", None) is False for r in (recipe, uncond) if r):
         logging.getLogger("ditq.quant").warning(
             "int8 without calibration statistics: plain W8A8, no SmoothQuant (run ditq calibrate first)"
         )
-    out = quantize_pipeline(
-        args.model,
-        recipe,
-        args.output,
-        uncond_recipe=uncond,
-        stats=args.stats,
-        fragility=args.fragility,
-        threads=args.threads,
-        force=args.force,
-    )
+    options = {"uncond_recipe": uncond, "stats": args.stats, "fragility": args.fragility}
+    options.update(threads=args.threads, force=args.force)
+    if loras:
+        out = _quantize_merged(args, recipe, loras, options)
+    else:
+        from ditq.quant.writer import quantize_pipeline
+
+        out = quantize_pipeline(args.model, recipe, args.output, **options)
     print(out)
     return 0
+
+
+def _quantize_merged(args, recipe, loras, options: dict) -> Path:
+    """Merge the LoRAs into a bf16 copy next to the output (removed afterwards), quantize that, and record in the
+    output's ditq.json the real source and the LoRAs merged (file, sha256, strength)."""
+    import shutil
+    from dataclasses import replace
+
+    from ditq.io.files import write_json_atomic
+    from ditq.lora import merge_lora_folder
+    from ditq.models.loading import resolve_source
+    from ditq.models.record import RECORD_FILE, VariantRecord
+    from ditq.quant.writer import quantize_pipeline
+
+    out = Path(args.output)
+    merged = out.parent / f".{out.name}.lora-merged"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        merge_lora_folder(args.model, list(loras), merged, strict=args.lora_strict, force=True)
+        lora_record = VariantRecord.load(merged).summary["lora"]
+        quantize_pipeline(str(merged), recipe, out, **options)
+    finally:
+        shutil.rmtree(merged, ignore_errors=True)
+    record = VariantRecord.load(out)
+    record = replace(
+        record,
+        source=args.model,
+        source_folder=str(resolve_source(args.model)),
+        summary={**record.summary, "lora": lora_record, "lora_merged": True},
+    )
+    write_json_atomic(out / RECORD_FILE, record.to_json())
+    return out
