@@ -8,6 +8,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ditq.cli import main
@@ -145,3 +146,23 @@ def test_attn8_variant_runs_the_base_folder_with_int8_attention(tiny_fp8_dir, tm
     assert main([*args, "--attention", "int8", "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "variant 'fp8' was made with attention sdpa, not int8" in err
+
+
+def test_calibrate_under_each_offload_policy_records_the_same_statistics(tiny_fp8_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    captions = tmp_path / "c.jsonl"
+    captions.write_text(
+        json.dumps({"prompt": "a red fox"}) + "\n" + json.dumps({"prompt": "a sign: OPEN"}) + "\n"
+    )
+    stats = {}
+    for policy in ("none", "encoder", "group", "model"):
+        out = tmp_path / f"{policy}.safetensors"
+        argv = ["calibrate", str(tiny_fp8_dir), "--captions", str(captions), "--samples", "2", "--steps", "2"]
+        assert main([*argv, "--sample-tokens", "16", "--offload", policy, "-o", str(out)]) == 0
+        stats[policy] = load_file(str(out))
+    assert len(stats["none"]) > 10
+    for policy in ("encoder", "group", "model"):
+        assert stats[policy].keys() == stats["none"].keys(), policy
+        for key, ref in stats["none"].items():
+            assert torch.equal(stats[policy][key], ref), (policy, key)
