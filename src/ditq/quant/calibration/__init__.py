@@ -2,24 +2,23 @@
 fragility analysis and GGUF importance matrices are computed from.
 
 - `stats`: `ModuleStats`, `CalibrationStats` (and its safetensors file), `importance`.
-- `recorder`: `CalibrationRecorder` (forward hooks), probes of complete transformer calls, `synthetic_inputs`.
-- `run`: `calibrate_pipeline` over the real sampling schedule.
+- `accumulate`: the per-input accumulators (on the device; priority-sampled tokens).
+- `recorder`: `CalibrationRecorder` (forward hooks, padding masks, resumable state), probes of transformer calls.
+- `run`: `calibrate_pipeline` over the real sampling schedule; `calibrate_model` for any model and probe.
+- `synthetic`: `synthetic_inputs`, random Ideogram 4 transformer calls.
 """
 
 from __future__ import annotations
 
-from ditq.quant.calibration.recorder import (
-    CalibrationRecorder,
-    probe_inputs,
-    synthetic_inputs,
-)
-from ditq.quant.calibration.run import calibrate_pipeline
+from ditq.quant.calibration.recorder import CalibrationRecorder, default_token_mask, probe_inputs
+from ditq.quant.calibration.run import calibrate_model, calibrate_pipeline
 from ditq.quant.calibration.stats import (
     DEFAULT_BUCKETS,
     LLM_TOKEN_INDICATOR,
     METADATA_KEY,
     PROBE_ARGS,
     QUANTILES,
+    SEQUENCE_PADDING_INDICATOR,
     CalibrationStats,
     ModuleStats,
     captions_hash,
@@ -28,6 +27,7 @@ from ditq.quant.calibration.stats import (
     is_linear_like,
     linear_shapes,
 )
+from ditq.quant.calibration.synthetic import synthetic_inputs
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -35,11 +35,14 @@ __all__ = [
     "METADATA_KEY",
     "PROBE_ARGS",
     "QUANTILES",
+    "SEQUENCE_PADDING_INDICATOR",
     "CalibrationRecorder",
     "CalibrationStats",
     "ModuleStats",
+    "calibrate_model",
     "calibrate_pipeline",
     "captions_hash",
+    "default_token_mask",
     "fingerprint",
     "importance",
     "is_linear_like",

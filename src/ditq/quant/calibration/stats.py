@@ -4,10 +4,12 @@
     sumsq   [B, K] fp64   Σ x_k² over tokens                       (activation energy; GGUF importance matrix)
     count   [B]    int64  tokens seen (all-zero padding tokens are skipped)
     token_absmax_quantiles [B, Q]  quantiles of the per-token absmax (what per-token scales will be)
-and, pooled over buckets, `samples` [S, K]: a uniform reservoir sample of input tokens for choosing alpha, plus a few
-complete transformer calls (`probes`) for the fragility analysis. The file is a safetensors file; its
-`ditq.calibration` metadata names the buckets, the number of captions, a hash of the captions and a fingerprint of
-each transformer's Linear shapes.
+and, pooled over buckets, `samples` [S, K]: a uniform sample of input tokens (without replacement, in the order they
+arrived) for choosing alpha, plus a few complete transformer calls (`probes`) for the fragility analysis. Padding
+tokens are not counted: the recorder drops the tokens the model call's attention mask (or Ideogram 4's segment ids)
+marks as padding, and all-zero tokens. `groups` holds the smoothing groups found on a generic model
+(`ditq.quant.int8.groups`). The file is a safetensors file; its `ditq.calibration` metadata names the buckets, the
+number of captions, a hash of the captions, a fingerprint of each transformer's Linear shapes and the groups.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ PROBE_ARGS = (
     "indicator",
 )
 LLM_TOKEN_INDICATOR = 3
+SEQUENCE_PADDING_INDICATOR = -1  # Ideogram 4's segment id of left-padding text tokens
 
 
 def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -98,6 +101,8 @@ class CalibrationStats:
     probes: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     quantiles: tuple[float, ...] = QUANTILES
+    # smoothing groups found on a generic model: {transformer: [{"name", "linears", "fold"}]}
+    groups: dict[str, list[dict]] = field(default_factory=dict)
 
     @property
     def transformers(self) -> list[str]:
@@ -147,6 +152,8 @@ class CalibrationStats:
             aliases=self.aliases,
             ditq_version=__version__,
         )
+        if self.groups:
+            meta["groups"] = self.groups
         save_safetensors(path, tensors, {METADATA_KEY: json.dumps(meta), "format": "pt"})
         return path
 
@@ -185,8 +192,9 @@ class CalibrationStats:
             modules=modules,
             aliases=meta.get("aliases", {}),
             probes={tr: [p[i] for i in sorted(p)] for tr, p in probes.items()},
-            meta={k: v for k, v in meta.items() if k not in ("aliases",)},
+            meta={k: v for k, v in meta.items() if k not in ("aliases", "groups")},
             quantiles=tuple(meta.get("quantiles", QUANTILES)),
+            groups=meta.get("groups", {}),
         )
 
 
