@@ -28,7 +28,7 @@ from ditq.formats.base import (
     register_format,
 )
 
-FORMAT_MODULES = ("fp8", "int8", "nf4", "gguf")
+FORMAT_MODULES = ("fp8", "int8", "nf4", "gguf", "svdquant", "convrot_w4a4")
 
 
 def load_all_formats() -> None:

@@ -19,6 +19,7 @@ from ditq.quant.recipes.fp8 import FP8Recipe
 from ditq.quant.recipes.gguf import GGUFRecipe
 from ditq.quant.recipes.int8 import Int8Recipe
 from ditq.quant.recipes.nf4 import NF4Recipe
+from ditq.quant.recipes.w4a4 import W4A4Recipe
 
 _IDEOGRAM = re.compile(r"^layers\.\d+\.(attention\.(to_[qkv]|qkv)|feed_forward\.w[123])$")
 _QKV = re.compile(r"^layers\.\d+\.attention\.to_[qkv]$")
@@ -120,3 +121,11 @@ def _fp8(model, recipe: FP8Recipe, filter_fn, *, stats=None, transformer=None):
         set_module(model, name, Fp8Linear(q, scale, float_bias(m), dtype).to(w.device))
         quantized[name] = "fp8"
     return QuantizationRecord(config=recipe.to_dict(), quantized=quantized, kept_float=kept)
+
+
+@register_quantize_handler(W4A4Recipe)
+def _w4a4(model, recipe: W4A4Recipe, filter_fn, *, stats=None, transformer=None):
+    """SVDQuant and ConvRot W4A4: the streaming writer's decisions and tensors (`ditq.quant.recipes.w4a4_plan`)."""
+    from ditq.quant.recipes.w4a4_plan import quantize_model_w4a4
+
+    return quantize_model_w4a4(model, recipe, filter_fn, stats, transformer)

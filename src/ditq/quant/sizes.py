@@ -32,9 +32,10 @@ from ditq.quant.recipes.fp8 import FP8Recipe
 from ditq.quant.recipes.gguf import GGUFRecipe
 from ditq.quant.recipes.int8 import Int8Recipe
 from ditq.quant.recipes.nf4 import NF4Recipe
+from ditq.quant.recipes.w4a4 import W4A4Recipe
 
 # the columns of `ditq inspect`: the references and one recipe per family
-TABLE = ("bf16", "fp8", "int8", "q8_0", "q6_k", "q5_k", "q4_k", "nf4")
+TABLE = ("bf16", "fp8", "int8", "q8_0", "q6_k", "q5_k", "q4_k", "nf4", "svdq_w4a4", "convrot_w4a4")
 TRANSFORMERS = ("transformer", "unconditional_transformer")
 
 
@@ -104,6 +105,8 @@ def _tensor_bytes(recipe, name: str, shape: tuple[int, ...], is_linear: bool, in
         return int8_format.weight_bytes(n, k) if name.rpartition(".")[0] in int8 else 2 * numel
     if isinstance(recipe, NF4Recipe):
         return nf4_format.weight_bytes(n, k, recipe.blocksize) if recipe.quantizes(name, shape) else 2 * numel
+    if isinstance(recipe, W4A4Recipe):  # SVDQuant / ConvRot: int4 codes + scales (+ low-rank branch) + marker
+        return recipe.tensor_bytes(name, shape)
     raise ValueError(f"no size rule for {recipe!r}")
 
 
