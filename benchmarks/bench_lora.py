@@ -10,7 +10,9 @@
 2. Per step, derived: one full-width block's Linears (4x 4608->4608, 2x 4608->12288, 1x 12288->4608, every LoRA
    on all seven) summed from (1); attention and norms are left out, so the real per-step overhead is lower.
 3. Per step, measured (`--block`): one full-width `Ideogram4TransformerBlock` (diffusers' class, 4608 wide, 18
-   heads, FFN 12288) with its Linears in a format, base vs 1 vs 4 LoRAs on the seven projections.
+   heads, FFN 12288) with its Linears in a format, base vs 1 vs 4 LoRAs on the seven projections: whole calls, and
+   the time spent inside the branches during them (a whole call's ratio is only as good as the base GEMMs' run-to-
+   run spread, which on a shared 2-core machine is larger than the branches).
 4. Per step on the tiny pipeline's conditional transformer (`--no-tiny` skips), one thread: the hook's fixed cost
    where layers are tiny.
 
@@ -67,15 +69,17 @@ def machine() -> str:
 
 
 def median_ms(fns: dict, repeats: int) -> dict[str, float]:
-    """Median wall time of each function, round-robin so that all see the same load, after one warm-up each."""
+    """Median wall time of each function, round-robin so that all see the same load (each round starts with the
+    next function, so none is always first), after one warm-up each."""
     times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
     with torch.no_grad():
         for fn in fns.values():
             fn()
-        for _ in range(repeats):
-            for name, fn in fns.items():
+        for r in range(repeats):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 t0 = time.perf_counter()
-                fn()
+                fns[name]()
                 times[name].append(time.perf_counter() - t0)
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
@@ -133,8 +137,9 @@ def per_layer(formats: list[str], tokens: list[int], rank: int, repeats: int) ->
     for k, n in SHAPES:
         weight = torch.randn(n, k, generator=gen) / k**0.5
         for fmt in formats:
-            plain = make_layer(fmt, weight)
-            one, four, torch_one = (_One(copy.deepcopy(plain)) for _ in range(3))
+            made = make_layer(fmt, weight)
+            plain, one, four, torch_one = copy.deepcopy(made), *(_One(copy.deepcopy(made)) for _ in range(3))
+            del made
             apply_n(one, ["proj"], {"proj": (n, k)}, 1, rank)
             apply_n(four, ["proj"], {"proj": (n, k)}, 4, rank)
             apply_n(torch_one, ["proj"], {"proj": (n, k)}, 1, rank)
@@ -201,14 +206,44 @@ def full_block(fmt: str) -> nn.Module:
     return block
 
 
+class BranchClock:
+    """Wall time spent inside the LoRA branches of a model (pre/post hooks on each `LoraBranch`), per model call."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from ditq.lora.adapters import LoraBranch
+
+        self.total, self.calls, self._t0 = 0.0, 0, 0.0
+        for m in model.modules():
+            if isinstance(m, LoraBranch):
+                m.register_forward_pre_hook(self._start)
+                m.register_forward_hook(self._stop)
+        model.register_forward_pre_hook(self._count)
+
+    def _start(self, *_):
+        self._t0 = time.perf_counter()
+
+    def _stop(self, *_):
+        self.total += time.perf_counter() - self._t0
+
+    def _count(self, *_):
+        self.calls += 1
+
+    @property
+    def per_call(self) -> float:
+        return self.total / max(self.calls, 1)
+
+
 def per_step_block(formats: list[str], t: int, rank: int, repeats: int) -> None:
+    """One full-width block per format: whole calls (base vs 1 vs 4 LoRAs, round-robin) and the time spent inside
+    the branches during those calls, which the base GEMMs' own variance does not blur."""
     from ditq.lora.targets import linear_shapes
 
     print(
         f"\n## Per step, measured: one full-width block, {t} tokens, median s of {repeats} round-robin calls"
     )
     print(
-        f"{'format':>8} | {'base s':>8} {'1 LoRA s':>9} {'4 LoRAs s':>10} | {'1/base-1':>8} {'4/base-1':>8}"
+        f"{'format':>8} | {'base s':>8} {'1 LoRA s':>9} {'4 LoRAs s':>10} | {'in branch 1':>11} {'in branch 4':>11}"
+        f" | {'1/base':>7} {'4/base':>7} | {'call1-1':>8} {'call4-1':>8}"
     )
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(1, t, 4608, generator=gen).to(torch.bfloat16)
@@ -218,20 +253,22 @@ def per_step_block(formats: list[str], t: int, rank: int, repeats: int) -> None:
     for fmt in formats:
         block = full_block(fmt)
         shapes = linear_shapes(block)
-        models = {"base": block}
+        models = {"base": copy.deepcopy(block)}  # all three are copies, laid out in memory alike
+        clocks = {}
         for count in (1, 4):
             m = copy.deepcopy(block)
             apply_n(m, list(PROJECTIONS), shapes, count, rank)
-            models[f"lora{count}"] = m
+            models[f"lora{count}"], clocks[count] = m, BranchClock(m)
+        del block
         fns = {name: (lambda m=m: m(hidden, None, rope, adaln)) for name, m in models.items()}
         r = {k: v / 1e3 for k, v in median_ms(fns, repeats).items()}
-        b = r["base"]
+        b, in1, in4 = r["base"], clocks[1].per_call, clocks[4].per_call
         print(
-            f"{fmt:>8} | {b:8.2f} {r['lora1']:9.2f} {r['lora4']:10.2f} | {r['lora1'] / b - 1:7.1%} "
-            f"{r['lora4'] / b - 1:7.1%}",
+            f"{fmt:>8} | {b:8.2f} {r['lora1']:9.2f} {r['lora4']:10.2f} | {in1:11.3f} {in4:11.3f} | "
+            f"{in1 / b:6.1%} {in4 / b:6.1%} | {r['lora1'] / b - 1:7.1%} {r['lora4'] / b - 1:7.1%}",
             flush=True,
         )
-        del block, models, fns
+        del models, fns
 
 
 def per_step_tiny(rank: int, repeats: int) -> None:
@@ -305,7 +342,7 @@ def main() -> None:
         results = per_layer(args.formats, args.tokens, args.rank, args.repeats)
         per_step_derived(results, args.formats, args.tokens)
     if args.block:
-        per_step_block(args.block, args.block_tokens, args.rank, max(1, args.repeats - 1))
+        per_step_block(args.block, args.block_tokens, args.rank, args.repeats)
     if not args.no_tiny:
         per_step_tiny(args.rank, max(15, args.repeats))
     print(f"\n# done in {time.time() - start:.0f} s; load average now {os.getloadavg()[0]:.1f}")

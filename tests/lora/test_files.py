@@ -69,6 +69,29 @@ def test_every_layout_reads_to_the_same_updates(layout, canonical, shapes, tmp_p
         )  # bit for bit: the alphas are powers of 2
 
 
+@pytest.mark.parametrize("layout", ["ai-toolkit", "comfy-fused", "kohya-dotted"])
+def test_updates_agree_with_diffusers_own_ideogram4_converter(layout, canonical, shapes):
+    """diffusers 0.42.1 converts ai-toolkit / ComfyUI-style Ideogram 4 LoRAs itself (block layers only, alpha folded
+    into the factors): its B A per layer is ditq's scale · B A."""
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_non_diffusers_ideogram4_lora_to_diffusers as convert,
+    )
+
+    blocks = {n: ab for n, ab in canonical.items() if n.startswith("layers.")}
+    state = {
+        "ai-toolkit": lambda: peft_state(fuse_qkv(blocks), prefix="diffusion_model."),
+        "comfy-fused": lambda: comfy_state(fuse_qkv(blocks), alpha=2.0),
+        "kohya-dotted": lambda: comfy_state(fuse_qkv(blocks), prefix="", alpha=16.0),
+    }[layout]()
+    theirs = convert(dict(state))
+    mine = _updates(read_lora(state), "transformer", shapes)
+    assert len(theirs) == 2 * len(mine)
+    for name, delta in mine.items():
+        a = theirs[f"transformer.{name}.lora_A.weight"].double()
+        b = theirs[f"transformer.{name}.lora_B.weight"].double()
+        torch.testing.assert_close(delta, b @ a, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("prefix,branch", [*DOTTED_PREFIXES, *FLAT_PREFIXES])
 def test_every_prefix_names_its_transformer(prefix, branch, canonical):
     name = "layers.1.feed_forward.w2"

@@ -39,6 +39,5 @@ def test_generate_equals_the_pipeline_call_bit_for_bit(tiny_fp8_dir, tiny_settin
     )
     assert np.array_equal(np.asarray(again), ours)
     assert seen == list(range(s.steps)) and len(timer.steps) == s.steps and min(timer.steps) > 0
-    assert torch.equal(
-        cond.llm_features, encode(pipe, prompt, s.height, s.width, s.max_sequence_length).llm_features
-    )
+    assert torch.equal(cond.text, encode(pipe, prompt, s.height, s.width, s.max_sequence_length).text)
+    assert cond.text.dtype == torch.bfloat16 and cond.prompt_tokens < s.max_sequence_length

@@ -155,5 +155,7 @@ def test_the_vision_tower_is_never_loaded(tiny_fp8_dir):
     from ditq.models.loading import load_text_encoder
 
     model, _ = load_text_encoder(tiny_fp8_dir / "text_encoder", torch.bfloat16, "cpu")
-    assert not hasattr(model, "visual") and not any(n.startswith("visual") for n, _ in model.named_parameters())
+    assert not hasattr(model, "visual") and not any(
+        n.startswith("visual") for n, _ in model.named_parameters()
+    )
     assert all(p.device.type == "cpu" for p in model.parameters())  # nothing left on the meta device

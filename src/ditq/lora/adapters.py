@@ -106,10 +106,10 @@ def layer_compute_dtype(layer: nn.Module) -> torch.dtype:
 
 
 def _layer_device(layer: nn.Module) -> torch.device:
-    for p in layer.parameters(recurse=False):
-        return p.device
-    for b in layer.buffers(recurse=False):
-        return b.device
+    """Where the layer's own tensors are; the host for a layer whose weights are offloaded to `meta` (sequential
+    offloading loads them per call; the branch then follows its input, see `forward`)."""
+    for t in (*layer.parameters(recurse=False), *layer.buffers(recurse=False)):
+        return t.device if t.device.type != "meta" else torch.device("cpu")
     return torch.device("cpu")
 
 
