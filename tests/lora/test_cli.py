@@ -133,3 +133,17 @@ def test_bench_applies_the_loras_to_the_reference_too(tiny_fp8_dir, lora_file, t
     assert not np.array_equal(_pixels(ref), _pixels(plain / "000_s0.png"))
     md = (out / "run" / "report" / "report.md").read_text()
     assert run["loras"][0]["sha256"] in md  # the report's run settings name the LoRAs applied
+
+
+def test_lora_strict_refuses_keys_ditq_does_not_apply(tiny_fp8_dir, tiny_pipe, tmp_path, capsys):
+    shapes = linear_shapes(tiny_pipe.transformer)
+    real = random_lora(shapes, MODULES[:1], seed=5)
+    a, b = real[MODULES[0]]
+    path = save({**peft_state(real), **peft_state({"layers.0.nope": (a, b)})}, tmp_path / "odd.safetensors")
+    gen = ["generate", "--model", str(tiny_fp8_dir), *GEN, "--lora", str(path)]
+    assert main([*gen, "-o", str(tmp_path / "lenient")]) == 0  # logged and skipped
+    capsys.readouterr()
+    assert main([*gen, "--lora-strict", "-o", str(tmp_path / "strict")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "(strict)" in err and "layers.0.nope" in err and str(path) in err
+    assert not list((tmp_path / "strict").glob("*.png"))
