@@ -19,6 +19,7 @@ from ditq.errors import DitqError
 VERB_MODULES = (
     "generate",
     "inspect",
+    "plan",
     "calibrate",
     "sensitivity",
     "quantize",
