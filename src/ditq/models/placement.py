@@ -6,10 +6,10 @@
 | `encoder`    | encodes every prompt first, then is released from the device | resident          | nothing        |
 | `group`      | as `encoder`                        | streamed block by block with prefetch (diffusers' group offloading, `use_stream` on CUDA) | both transformers |
 | `model`      | diffusers' `enable_model_cpu_offload`: each component moved whole when it runs | moved whole | both, whole |
-| `sequential` | diffusers' `enable_sequential_cpu_offload`: every layer moved when it runs | per layer | everything |
+| `sequential` | as `encoder`                        | diffusers' leaf-level group offloading: every layer moved when it runs, the next one prefetched (`use_stream` on CUDA) | everything |
 
 `auto` (the planner's choice of the fastest policy that fits the card) is resolved above this layer, by
-`ditq.quant.plan`. For `encoder` and `group`, generation runs in two phases: the prompts are encoded by a pipeline
+`ditq.quant.plan`. For `encoder`, `group` and `sequential`, generation runs in two phases: the prompts are encoded by a pipeline
 holding only the text encoder (`parts="encoder"`), then the transformers are loaded without it
 (`parts="denoiser"`), so the two never share the device (nor does the host hold the whole pipeline).
 """
@@ -27,7 +27,11 @@ from ditq.errors import ConfigError
 log = logging.getLogger(__name__)
 
 POLICIES = ("none", "encoder", "group", "model", "sequential")
-TWO_PHASE = ("encoder", "group")
+# `sequential` is diffusers' leaf-level group offloading rather than `enable_sequential_cpu_offload`: accelerate's
+# hooks re-cast the state dict's tensors to the dtype `getattr(module, name)` reads, which for ditq's storage (bytes
+# kept under an integer dtype, read as float8 / float32) converts the bytes instead of moving them; and
+# Ideogram4Pipeline.encode_prompt sends the token ids to `text_encoder.device`, `meta` under that offloading
+TWO_PHASE = ("encoder", "group", "sequential")
 
 
 def load_parts(policy: str) -> str:
@@ -50,22 +54,24 @@ def apply_policy(pipe, policy: str, device: str) -> None:
     if policy == "model":
         pipe.enable_model_cpu_offload(device=dev)
         return
-    if policy == "sequential":
-        pipe.enable_sequential_cpu_offload(device=dev)
-        return
     from diffusers.hooks import apply_group_offloading
 
-    for name in ("transformer", "unconditional_transformer"):
+    sequential = policy == "sequential"
+    for name in ("transformer", "unconditional_transformer", *(("vae",) if sequential else ())):
+        kwargs = (
+            {"offload_type": "leaf_level"}
+            if sequential
+            else {"offload_type": "block_level", "num_blocks_per_group": 1}
+        )
         apply_group_offloading(
             getattr(pipe, name),
             onload_device=dev,
             offload_device=torch.device("cpu"),
-            offload_type="block_level",
-            num_blocks_per_group=1,
             use_stream=dev.type == "cuda",
+            **kwargs,
         )
-    for name in ("vae",):
-        module = getattr(pipe, name, None)
+    if not sequential:
+        module = getattr(pipe, "vae", None)
         if module is not None:
             module.to(dev)
 
