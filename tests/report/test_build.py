@@ -18,6 +18,7 @@ SECTIONS = (
     "Headline comparisons",
     "Paired differences",
     "Blocked images",
+    "Memory",
     "Quality–memory Pareto plot",
     "Per-category text rendering",
     "Raw-string vs JSON-caption ablation",
@@ -179,7 +180,7 @@ def test_quality_metric_and_memory_options(synthetic_run, tmp_path):
     assert "x: bytes on disk of the conditional transformer; y: lpips ↓ (lower is better)" in md
     with pytest.raises(ConfigError, match="quality metric 'fid' is not in metrics.json"):
         build_report(synthetic_run, tmp_path / "r", quality_metric="fid", settings=FAST)
-    with pytest.raises(ConfigError, match="memory must be one of resident, disk"):
+    with pytest.raises(ConfigError, match="memory must be one of peak, resident, disk"):
         build_report(synthetic_run, tmp_path / "r", memory="vram", settings=FAST)
 
 

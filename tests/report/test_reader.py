@@ -118,7 +118,7 @@ def test_reference_dominates_variants_that_need_more_memory(tmp_path):
     data = json.loads((run / "run.json").read_text())
     data["variants"]["int8"]["resident_bytes"]["transformer"] = 10_000_000_000  # more than fp8's 9.60 GB
     (run / "run.json").write_text(json.dumps(data))
-    md = build_report(run, quality_metric="psnr", settings=FAST).markdown.read_text()
+    md = build_report(run, quality_metric="psnr", memory="resident", settings=FAST).markdown.read_text()
     table = {r["Variant"]: r for r in md_table_after(md, "Quality–memory Pareto plot")}
     assert table["fp8"]["psnr ↑"] == "∞ (reference)" and table["fp8"]["On frontier"] == "yes"
     assert table["int8"]["On frontier"] == "no" and table["int8"]["Non-dominated in resamples"] == "0.0%"

@@ -15,7 +15,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Write RUN/report/index.html and report.md: data notes, the unavailable metrics (each once, "
         "with what makes it available), variant table with bootstrap CIs and seconds per denoising step after "
         "the warm-up, headline comparisons, paired differences (verdicts from Holm step-down intervals), "
-        "blocked images and block rates, quality-memory Pareto plot with the reference and each variant's "
+        "blocked images and block rates, memory (peak device memory per image, measured or planned, the whole "
+        "pipeline on disk, which variants fit a 24 GiB card), quality-memory Pareto plot with the reference and "
+        "each variant's "
         "share of resamples on the frontier, per-category text rendering, caption ablation, image grids "
         "(every caption mode, difference maps against the reference, the caption text), run settings with "
         "the hardware and the metric weights' sha256, and methods.",
@@ -31,9 +33,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--memory",
-        choices=("resident", "disk"),
-        default="resident",
-        help="Pareto x axis: resident memory or bytes on disk per transformer (default: resident)",
+        choices=("peak", "resident", "disk"),
+        default="peak",
+        help="Pareto x axis: peak device memory of generating one image (measured on CUDA, else planned by "
+        "ditq plan; default), or resident memory or bytes on disk per transformer",
     )
     p.add_argument(
         "--resamples", type=int, default=DEFAULT_RESAMPLES, help="bootstrap resamples (default 10000)"

@@ -18,6 +18,8 @@ from ditq.report.document import (
 from ditq.report.gallery import grid_section
 from ditq.report.headline import headline_section
 from ditq.report.inputs import MetricInfo, RunData, load_run
+from ditq.report.memory import variant_memories
+from ditq.report.memory_section import memory_section
 from ditq.report.notes import notes_section, unavailable_section
 from ditq.report.pareto_section import MEMORY_KINDS, pareto_section
 from ditq.report.sections import ablation_section, paired_section, text_section, variant_section
@@ -92,14 +94,16 @@ def build_report(
     out_dir: str | Path | None = None,
     *,
     quality_metric: str | None = None,
-    memory: str = "resident",
+    memory: str = "peak",
     settings: StatsSettings | None = None,
     grid_prompts: int = 4,
 ) -> ReportPaths:
     """Write the benchmark report of the run folder `run_dir` into `out_dir` (default RUN/report).
 
-    `quality_metric` picks the Pareto plot's y axis (default: see `choose_quality_metric`); `memory` its x axis,
-    "resident" or "disk" bytes of the conditional transformer. Raises `RunFolderError` / `ConfigError` on bad input.
+    `quality_metric` picks the Pareto plot's y axis (default: see `choose_quality_metric`); `memory` its x axis:
+    "peak", the peak device memory of generating one image (measured on CUDA, else planned: `ditq.report.memory`),
+    or "resident" / "disk" bytes of the conditional transformer. Raises `RunFolderError` / `ConfigError` on bad
+    input.
     """
     if memory not in MEMORY_KINDS:
         raise ConfigError(f"memory must be one of {', '.join(MEMORY_KINDS)}, got {memory!r}")
@@ -111,7 +115,8 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     analysis = Analysis(run, settings or StatsSettings())
     log.info("building report for %s into %s", run.root, out)
-    pareto, pareto_png = pareto_section(analysis, out, quality, memory)
+    memories = variant_memories(run)
+    pareto, pareto_png = pareto_section(analysis, out, quality, memory, memories)
     grids, grid_paths = grid_section(analysis, out, grid_prompts)
     sections = [s for s in (notes_section(run), unavailable_section(run)) if s is not None]
     sections += [
@@ -119,6 +124,7 @@ def build_report(
         headline_section(analysis),
         paired_section(analysis),
         blocked_section(analysis),
+        memory_section(run, memories),
         pareto,
         text_section(analysis),
         ablation_section(analysis),

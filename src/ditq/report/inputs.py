@@ -39,13 +39,16 @@ class RunFolderError(DitqError):
 
 @dataclass(frozen=True, kw_only=True)
 class VariantInfo:
-    """One benchmarked pipeline: sizes are {component: bytes}, e.g. {"transformer": 9583465712, ...}."""
+    """One benchmarked pipeline: sizes are {component: bytes}, e.g. {"transformer": 9583465712, ...}; `folder` the
+    pipeline folder the run loaded, `offload` the policy its images ran under (when run.json records them)."""
 
     name: str
     model: str | None
     format: str | None
     bytes_on_disk: dict[str, int]
     resident_bytes: dict[str, int]
+    folder: str | None = None
+    offload: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,6 +185,15 @@ def _byte_counts(value: Any, where: str) -> dict[str, int]:
     return out
 
 
+def _optional_text(spec: dict[str, Any], key: str, where: str) -> str | None:
+    value = spec.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RunFolderError(f"{where}.{key}: expected a string, got {type(value).__name__}")
+    return value
+
+
 def _load_variants(raw: Any, path: Path) -> dict[str, VariantInfo]:
     if not isinstance(raw, dict) or not raw:
         raise RunFolderError(f"{path}: field 'variants' must be a non-empty object {{name: {{...}}}}")
@@ -197,6 +209,8 @@ def _load_variants(raw: Any, path: Path) -> dict[str, VariantInfo]:
             resident_bytes=_byte_counts(
                 spec.get("resident_bytes"), f"{path}: variants.{name}.resident_bytes"
             ),
+            folder=_optional_text(spec, "folder", f"{path}: variants.{name}"),
+            offload=_optional_text(spec, "offload", f"{path}: variants.{name}"),
         )
     return variants
 

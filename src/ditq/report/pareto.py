@@ -171,7 +171,8 @@ def plot_pareto(
     memory_label: str,
     higher_is_better: bool,
 ) -> np.ndarray:
-    """Write the scatter with CI error bars and the frontier to `path` (PNG); returns the frontier mask."""
+    """Write the scatter with CI error bars and the frontier to `path` (PNG); returns the frontier mask.
+    `memory_label` names the x axis ("Peak device memory per image"); its unit is added."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -207,7 +208,7 @@ def plot_pareto(
     if front.size > 1:
         ax.step(mem_gb[front], q[front], where="post", color="#1f5fbf", alpha=0.5, linewidth=1.5)
     arrow = "higher is better" if higher_is_better else "lower is better"
-    ax.set_xlabel(f"{memory_label} per transformer ({unit})  — lower is better")
+    ax.set_xlabel(f"{memory_label} ({unit})  — lower is better")
     ax.set_ylabel(f"{quality_label} ({arrow})")
     ax.set_title(f"Quality vs memory: {quality_label}")
     ax.grid(True, alpha=0.3)

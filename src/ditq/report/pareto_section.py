@@ -1,6 +1,9 @@
 """The "Quality–memory Pareto plot" section: each variant's mean quality against its memory, the reference
 variant included as the point the others are measured from.
 
+Memory is by default the peak device memory of generating one image (`ditq.report.memory`: measured on CUDA, else
+planned, each point labelled with its source); "resident" and "disk" are the conditional transformer's bytes.
+
 For a standalone metric (preference, OCR) the reference is scored like any variant. For a fidelity metric
 (measured against the reference image) the reference's value is the metric's ideal, exactly, by definition: it is
 compared with itself (SSIM 1, LPIPS 0, PSNR of identical images, which the analysis caps at the PSNR of one 8-bit
@@ -10,6 +13,7 @@ shares with that constant value, so a variant that uses more memory than the ref
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +22,17 @@ from ditq.report.analysis import Analysis
 from ditq.report.document import Cell, Figure, Paragraph, Section, Table
 from ditq.report.formatting import arrow, ci_cell, memory_of, size_text
 from ditq.report.inputs import PSNR_METRICS, MetricInfo
+from ditq.report.memory import VariantMemory
 from ditq.report.pareto import ParetoPoint, frontier_shares, plot_pareto
 from ditq.stats import BootstrapCI
 
 TITLE = "Quality–memory Pareto plot"
-MEMORY_KINDS = {"resident": "Resident memory", "disk": "Bytes on disk"}
+# memory kind: (axis label, what the explanation says x is)
+MEMORY_KINDS = {
+    "peak": ("Peak device memory per image", "peak device memory of generating one image (see Memory)"),
+    "resident": ("Resident memory per transformer", "resident memory of the conditional transformer"),
+    "disk": ("Bytes on disk per transformer", "bytes on disk of the conditional transformer"),
+}
 # A fidelity metric's value for an image compared with itself (PSNR's comes from the analysis' ceiling).
 FIDELITY_IDEAL = {"ssim": 1.0, "lpips": 0.0}
 
@@ -36,8 +46,22 @@ def reference_ideal(analysis: Analysis, info: MetricInfo) -> tuple[float | None,
     return FIDELITY_IDEAL.get(info.name.lower()), False
 
 
+def _memory_point(
+    name: str, analysis: Analysis, memory: str, memories: dict[str, VariantMemory]
+) -> tuple[int | None, str, str]:
+    """(x in bytes or None, the source to print beside it, why there is none)."""
+    if memory == "peak":
+        peak = memories[name].peak
+        return peak.bytes, peak.label, "peak device memory unknown: see Memory"
+    return memory_of(analysis.run.variants[name], memory), "", "no transformer size in run.json"
+
+
 def pareto_section(
-    analysis: Analysis, out_dir: Path, info: MetricInfo | None, memory: str
+    analysis: Analysis,
+    out_dir: Path,
+    info: MetricInfo | None,
+    memory: str,
+    memories: dict[str, VariantMemory],
 ) -> tuple[Section, Path | None]:
     run = analysis.run
     section = Section(TITLE, "pareto")
@@ -51,13 +75,13 @@ def pareto_section(
     ideal, off_scale = reference_ideal(analysis, info)
     points: list[ParetoPoint] = []
     cells: list[Cell] = []
-    skipped, names = [], []
-    for name, variant in run.variants.items():
-        mem = memory_of(variant, memory)
+    skipped, names, sources = [], [], []
+    for name in run.variants:
+        mem, source, why = _memory_point(name, analysis, memory, memories)
         is_ref = name == run.reference_variant
         ci = analysis.mean(name, info.name, analysis.main_mode)
         if mem is None:
-            skipped.append(f"{name} (no transformer size in run.json)")
+            skipped.append(f"{name} ({why})")
             continue
         if is_ref and ideal is not None:
             label = f"{name} (reference" + (", ∞)" if off_scale else ")")
@@ -77,6 +101,7 @@ def pareto_section(
             skipped.append(f"{name} ({ci.text})")
             continue
         names.append(name)
+        sources.append(source)
     if not [p for p in points if not p.reference]:
         section.add(Paragraph(f"No variant has both a size and a {info.name} score; no plot.", "note"))
         return section, None
@@ -91,17 +116,25 @@ def pareto_section(
             for p, share in zip(points, shares, strict=True)
         ]  # fmt: skip
     path = out_dir / "pareto.png"
-    label = MEMORY_KINDS[memory]
+    label, meaning = MEMORY_KINDS[memory]
+    axis = label
+    if memory == "peak" and len(set(sources)) == 1:
+        axis = f"{label}, {sources[0]}"  # "..., measured on NVIDIA H100 80GB HBM3" or "..., planned"
+    elif memory == "peak":  # mixed sources: each point says its own
+        points = [
+            replace(p, label=f"{p.label} [{s.split(' on ')[0]}]")
+            for p, s in zip(points, sources, strict=True)
+        ]
     front = plot_pareto(
-        points, path, quality_label=info.name, memory_label=label, higher_is_better=info.higher_is_better
+        points, path, quality_label=info.name, memory_label=axis, higher_is_better=info.higher_is_better
     )
     section.add(
-        Paragraph(_explanation(analysis, info, label, shares is not None, n_common, ideal is not None))
+        Paragraph(_explanation(analysis, info, meaning, shares is not None, n_common, ideal is not None))
     )
     section.add(
         Figure(
             "pareto.png",
-            f"{info.name} against {label.lower()} per transformer",
+            f"{info.name} against {label[0].lower()}{label[1:]}",
             "★ = the reference variant; * = non-dominated; (%) = share of resamples in which it is non-dominated",
         )
     )
@@ -109,8 +142,14 @@ def pareto_section(
     for i, (name, p, cell, on) in enumerate(zip(names, points, cells, front, strict=True)):
         size = Cell(size_text(p.memory_bytes), title=f"{int(p.memory_bytes):,} bytes", css="num bytes")
         share = Cell(f"{shares[i]:.1%}", css="num") if shares is not None else Cell("n/a")
-        rows.append([Cell(name, css="frontier" if on else None), size, cell, "yes" if on else "no", share])
-    header = ["Variant", f"{label} / transformer", f"{info.name} {arrow(info)}", "On frontier"]
+        row = [Cell(name, css="frontier" if on else None), size]
+        if memory == "peak":
+            row.append(Cell(sources[i], title=memories[name].peak.detail))
+        rows.append(row + [cell, "yes" if on else "no", share])
+    header: list[str | Cell] = ["Variant", label]
+    if memory == "peak":
+        header.append(Cell("Source", title="measured on CUDA, or planned by ditq plan (see Memory)"))
+    header += [f"{info.name} {arrow(info)}", "On frontier"]
     header.append(Cell("Non-dominated in resamples", title="share of bootstrap resamples of the prompts"))
     section.add(Table(header, rows))
     if skipped:
@@ -119,12 +158,12 @@ def pareto_section(
 
 
 def _explanation(
-    analysis: Analysis, info: MetricInfo, label: str, resampled: bool, n_common: int, ideal_reference: bool
+    analysis: Analysis, info: MetricInfo, meaning: str, resampled: bool, n_common: int, ideal_reference: bool
 ) -> str:
     direction = "higher" if info.higher_is_better else "lower"
     ref = analysis.run.reference_variant
     text = (
-        f"x: {label.lower()} of the conditional transformer; y: {info.name} {arrow(info)} ({direction} is "
+        f"x: {meaning}; y: {info.name} {arrow(info)} ({direction} is "
         f"better), mean over prompts with {100 * analysis.settings.confidence_level:g}% CI error bars. "
     )
     if ideal_reference:
