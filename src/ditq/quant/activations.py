@@ -72,8 +72,9 @@ _RECIPES: dict[str, object] = {}
 @cache
 def _layer_peak_cached(key: str, name: str, n: int, k: int, tokens: int, dtype: torch.dtype) -> int:
     from ditq.formats.keys import fused_module_name
+    from ditq.quant.fakes import DEVICE, fake_linear
     from ditq.quant.handlers import fused_shape
-    from ditq.quant.simulate import DEVICE, _peak, fake_linear, fake_mode
+    from ditq.quant.simulate import _peak, fake_mode
 
     recipe = _RECIPES[key]
     with fake_mode():
@@ -95,7 +96,9 @@ def layer_peak(recipe, name: str, n: int, k: int, tokens: int, dtype: torch.dtyp
     peak = _layer_peak_cached(key, name, n, k, tokens, dtype)
     if isinstance(recipe, Int8Recipe):
         peak += tokens * k + 4 * tokens
-    elif isinstance(recipe, SVDQuantRecipe):  # packed int4 input, its bf16 group scales, the low-rank activation
+    elif isinstance(
+        recipe, SVDQuantRecipe
+    ):  # packed int4 input, its bf16 group scales, the low-rank activation
         peak += tokens * k // 2 + tokens * k // 32 + 4 * tokens * recipe.rank
     elif isinstance(recipe, ConvRotW4A4Recipe):  # the rotated bf16 input, its packed int4 codes and scales
         peak += 2 * tokens * k + tokens * k // 2 + 4 * tokens
