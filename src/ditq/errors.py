@@ -17,3 +17,7 @@ class CheckpointError(DitqError):
 
 class ConfigError(DitqError, ValueError):
     """A configuration field or CLI argument is out of range."""
+
+
+class NonFiniteError(DitqError):
+    """Generation produced a non-finite value; the message names the variant, the step and the first module."""

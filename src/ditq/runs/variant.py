@@ -162,7 +162,6 @@ def generate_job(
 ) -> dict:
     """One image of the run: generated from its paired noise, written atomically; returns its manifest record."""
     from ditq.models.denoise import StepTimer
-    from ditq.models.sampling import generate
 
     noise = initial_noise(pipe, job.seed, settings)
     cuda = device.startswith("cuda")
@@ -170,7 +169,7 @@ def generate_job(
         torch.cuda.reset_peak_memory_stats(device)
     timer = StepTimer(device)
     t0 = time.perf_counter()
-    image = generate(pipe, job.text, job.seed, settings, latents=noise, timer=timer, cond=cond)
+    image = checked_generate(pipe, job, settings, noise, timer, cond)
     wall = time.perf_counter() - t0
     if cuda:
         peak = torch.cuda.max_memory_allocated(device)
@@ -193,6 +192,27 @@ def generate_job(
         "peak_mem_kind": "cuda_allocated" if cuda else "process_rss",
         "device": str(device),
     }
+
+
+def checked_generate(pipe, job: Job, settings: SamplingSettings, noise, timer, cond):
+    """`generate` with the latents checked after every step; a non-finite step stops the run before any image is
+    written, naming the variant, the image, the step and the first module whose output went non-finite."""
+    from ditq.errors import NonFiniteError
+    from ditq.models.finite import FiniteCheck, NonFiniteStep, first_nonfinite_module
+    from ditq.models.sampling import generate
+
+    try:
+        return generate(
+            pipe, job.text, job.seed, settings, latents=noise, timer=timer, cond=cond, on_step=FiniteCheck()
+        )
+    except NonFiniteStep as bad:
+        module = first_nonfinite_module(
+            pipe, lambda: generate(pipe, job.text, job.seed, settings, latents=noise, cond=cond)
+        )
+        raise NonFiniteError(
+            f"variant {job.variant}: {job.path}: the latents went non-finite at step {bad.step}; first module "
+            f"with a non-finite output: {module or 'none found on a rerun'}; no image was written"
+        ) from None
 
 
 def save_png(image, out: Path, job: Job, model: str, settings: SamplingSettings) -> None:
