@@ -47,3 +47,19 @@ def test_generate_reads_jsonl_prompts_and_multiple_seeds(tiny_fp8_dir, tmp_path)
         "001_s1.png",
     ]
     assert Image.open(tmp_path / "o" / "001_s0.png").text["prompt"] == '{"a":1}'
+
+
+def test_generate_never_replaces_an_earlier_image_without_force(tiny_fp8_dir, tmp_path, capsys):
+    """Another prompt into the same folder would reuse the name 000_s0.png: refused in one line before anything
+    loads, the earlier image kept; --force replaces it."""
+    out = tmp_path / "o"
+    common = ["generate", "--model", str(tiny_fp8_dir), "--seed", "0", "--steps", "1", "-o", str(out)]
+    assert main([*common, "--prompt", "a red fox"]) == 0
+    before = (out / "000_s0.png").read_bytes()
+    capsys.readouterr()
+    assert main([*common, "--prompt", "a neon sign"]) == 2
+    err = capsys.readouterr().err
+    assert "000_s0.png already exist" in err and "--force" in err and err.count("\n") == 1
+    assert (out / "000_s0.png").read_bytes() == before
+    assert main([*common, "--prompt", "a neon sign", "--force"]) == 0
+    assert Image.open(out / "000_s0.png").text["prompt"] == "a neon sign"

@@ -121,6 +121,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--seed", default="0", help="seed, or comma-separated seeds (default 0)")
     p.add_argument("-o", "--output", type=Path, default=Path("out"), help="output folder (default ./out)")
+    p.add_argument("--force", action="store_true", help="replace images already in the output folder")
     p.set_defaults(func=run)
 
 
@@ -203,6 +204,16 @@ def run(args) -> int:
     loras = loras_from_args(args)
     opts = execution_from_args(args)
     settings = settings_from_args(args, model_defaults(resolve_source(args.model)))
+    taken = [
+        n for i in range(len(prompts)) for s in seeds if (args.output / (n := f"{i:03d}_s{s}.png")).exists()
+    ]
+    if taken and not args.force:  # before anything loads: an earlier image is never replaced by accident
+        from ditq.errors import ConfigError
+
+        more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
+        raise ConfigError(
+            f"{args.output}: {taken[0]}{more} already exist; choose another -o, or --force to replace them"
+        )
     pipe, conds, policy = placed_pipeline(
         args.model, prompts, settings, opts, loras=loras, lora_strict=args.lora_strict
     )
@@ -215,7 +226,7 @@ def run(args) -> int:
     jobs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
     for i, prompt, seed in tqdm(jobs, desc="generate", unit="img", disable=len(jobs) < 2):
         image = generate(pipe, prompt, seed, settings, cond=conds.get(prompt))
-        path = args.output / f"{i:03d}_s{seed}.png"
+        path = args.output / f"{i:03d}_s{seed}.png"  # checked above: new, or --force
         meta = png_metadata(
             prompt=prompt,
             seed=seed,
