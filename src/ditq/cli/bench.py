@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
         "bench", help="quantize -> run -> eval -> report, end to end", description=__doc__
     )
     add_run_args(p)
-    p.set_defaults(variants="fp8,int8,q4_k,nf4", caption_modes="json,raw", steps=None)
+    p.set_defaults(variants="fp8,int8,q4_k,nf4,int8+q4_k", caption_modes="json,raw", steps=None)
     p.add_argument("--metrics", help="comma-separated metrics (default: all registered)")
     p.add_argument(
         "--calibration-samples", type=int, default=4, help="captions used to calibrate int8 (default 4)"
