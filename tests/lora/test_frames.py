@@ -1,10 +1,10 @@
 """LoRAs on an INT8 folder whose SmoothQuant is folded into neighbours (the default INT8 variant).
 
-Such layers compute in scaled coordinates; the folder does not record the smoothing vectors, so a LoRA on them is
-refused. With the vectors in `smoothing.safetensors` the LoRA is mapped into those coordinates. The test recovers
-each group's s independently of ditq's LoRA code, from the weights alone: a consumer of the group (a member whose
-rows were not divided) stores W diag(s), so s_j = Σ_n ŵ_nj w_nj / Σ_n w_nj² against the FP8 reference's W
-(least squares over the rows, within the INT8 rounding).
+Such layers compute in scaled coordinates; the writer records each folded group's smoothing vector in the folder's
+`smoothing.safetensors`, and the LoRA is mapped into those coordinates with them; without the file a LoRA on them is
+refused. The test checks the recorded vectors independently of ditq, from the weights alone: a consumer of the group
+(a member whose rows were not divided) stores W diag(s), so s_j = Σ_n ŵ_nj w_nj / Σ_n w_nj² against the FP8
+reference's W (least squares over the rows, within the INT8 rounding).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from ditq.errors import ConfigError
 from ditq.lora import LayerFrame, apply_lora, unload_lora
@@ -69,10 +68,31 @@ def _recover(int8_pipe, fp8_pipe) -> dict[str, torch.Tensor]:
     return out
 
 
+def test_the_writer_records_the_smoothing_vector_of_every_folded_group(smoothquant_dir, tiny_fp8_dir):
+    from ditq.io.safetensors_io import TensorSource
+    from ditq.models.loading import load_pipeline
+
+    pipe, fp8 = load_pipeline(smoothquant_dir), load_pipeline(tiny_fp8_dir)
+    recovered = _recover(pipe, fp8)
+    assert recovered, "the default INT8 recipe folded no group on the tiny model"
+    src = TensorSource(smoothquant_dir / SMOOTHING_FILE)
+    try:
+        keys = [k for k in src.keys() if k.startswith(f"{BRANCH}.")]
+        assert sorted(k[len(BRANCH) + 1 :] for k in keys) == sorted(recovered)
+        for name, s in recovered.items():
+            torch.testing.assert_close(src.get(f"{BRANCH}.{name}"), s, rtol=0.02, atol=1e-4)
+    finally:
+        src.close()
+    assert not list(smoothquant_dir.glob(".smoothing-*"))  # the per-transformer parts are gathered and gone
+
+
 def test_a_lora_on_folded_smoothquant_layers_is_refused_without_vectors(smoothquant_dir, tmp_path):
     from ditq.models.loading import load_pipeline
 
-    pipe = load_pipeline(smoothquant_dir)
+    folder = tmp_path / "int8-no-vectors"
+    shutil.copytree(smoothquant_dir, folder)
+    (folder / SMOOTHING_FILE).unlink()
+    pipe = load_pipeline(folder)
     lora = random_lora(linear_shapes(pipe.transformer), MODULES, seed=1)
     with pytest.raises(ConfigError, match=r"layers.0.attention.to_\w+ is INT8 with SmoothQuant folded"):
         apply_lora(pipe, save(peft_state(lora), tmp_path / "all.safetensors"))
@@ -86,11 +106,7 @@ def test_with_the_smoothing_vectors_the_lora_matches_the_float_reference(
     from ditq.models.loading import load_pipeline
 
     fp8 = load_pipeline(tiny_fp8_dir)
-    folder = tmp_path / "int8"
-    shutil.copytree(smoothquant_dir, folder)
-    vectors = _recover(load_pipeline(folder), fp8)
-    save_file({f"{BRANCH}.{k}": v.contiguous() for k, v in vectors.items()}, str(folder / SMOOTHING_FILE))
-    pipe = load_pipeline(folder)
+    pipe = load_pipeline(smoothquant_dir)  # with the vectors its writer recorded
     inputs = transformer_inputs[BRANCH]
     lora = random_lora(linear_shapes(fp8.transformer), MODULES, seed=2, magnitude=0.6)
     ref_base = run(float_reference(fp8.transformer), inputs, torch.float64)

@@ -48,8 +48,9 @@ subtracts, so the same update on both would largely cancel in the guided directi
 y = layer(x) + x Aᵀ Bᵀ in the layer's compute dtype, for every format (FP8, INT8, ConvRot INT8, GGUF, NF4,
 bf16 `nn.Linear`, and any `QuantizedLinear`), without requantizing and without replacing the layer: A and B fuse
 every LoRA active on the layer, so several LoRAs cost one low-rank matmul pair per layer. INT8 folders quantized
-with SmoothQuant folded into neighbours compute in scaled coordinates: a LoRA needs their smoothing vectors there
-(`ditq.lora.frames`) and is refused without them.
+with SmoothQuant folded into neighbours compute in scaled coordinates: the writer records their smoothing vectors
+in the folder's `smoothing.safetensors`, the LoRA is mapped into those coordinates (`ditq.lora.frames`), and it is
+refused on a folder without them.
 
 Bad files raise `CheckpointError` naming the file and key (wrong rank, shape mismatch with the layer, NaN/Inf,
 missing factors, duplicates); keys ditq does not apply are logged, listed in `AppliedLora.unknown`, and refused

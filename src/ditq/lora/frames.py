@@ -15,9 +15,9 @@ smoothing applied inside the layer (`Int8Linear.smoothing`) compute in the refer
 folder's `ditq.json`: `summary[<transformer>]["recipe"]["groups"]`, group name -> {"mode", "fold"}) and the
 smoothing vector s [K] of each folded group. The group names are those of `ditq.quant.int8.smoothquant.smooth_groups`
 (`layers.{i}.attention.qkv`, `layers.{i}.attention.o`, `layers.{i}.feed_forward.w1+w3`, `layers.{i}.feed_forward.w2`,
-`llm_cond_proj`). Folders do not record s yet: `read_smoothing` reads `smoothing.safetensors` at the pipeline
-folder's top level (one float32 tensor s [K] per folded group, named `<transformer>.<group>`, e.g.
-`transformer.layers.0.attention.qkv`) when a writer puts it there. It is not inside the transformer folders, whose
+`llm_cond_proj`). `read_smoothing` reads them from `smoothing.safetensors` at the pipeline folder's top level,
+which ditq's INT8 writer puts there (one float32 tensor s [K] per folded group, named `<transformer>.<group>`, e.g.
+`transformer.layers.0.attention.qkv`). It is not inside the transformer folders, whose
 every `*.safetensors` file the loader reads as weights.
 """
 

@@ -137,6 +137,7 @@ def quantize_pipeline(
     # paths in the summaries point into the staging folder: record where they will live
     summaries = json.loads(json.dumps(summaries, default=str).replace(str(tmp), str(out)))
     record = _record(p, str(source), src, summaries)
+    gather_smoothing(tmp)
     for comp in TRANSFORMERS:
         (tmp / comp / DONE_MARKER).unlink()
     (tmp / ".ditq-key").unlink(missing_ok=True)
@@ -145,6 +146,44 @@ def quantize_pipeline(
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def save_smoothing_part(folder: Path, component: str, vectors: dict) -> None:
+    """One transformer's folded smoothing vectors {group: s [K]}, as `.smoothing-<component>.safetensors` in the
+    staging folder, keys `<component>.<group>`."""
+    from ditq.io.safetensors_io import save_safetensors
+
+    path = folder / f".smoothing-{component}.safetensors"
+    part = path.with_name(path.name + ".partial")
+    save_safetensors(
+        part, {f"{component}.{g}": s.detach().float().cpu().contiguous() for g, s in vectors.items()}
+    )
+    os.replace(part, path)
+
+
+def gather_smoothing(tmp: Path) -> None:
+    """Both transformers' parts into the pipeline folder's `smoothing.safetensors` (`ditq.lora.frames`), where
+    a LoRA on SmoothQuant-folded INT8 layers is mapped into their coordinates; the parts are removed. A component
+    without folded groups (another recipe, or a rerun) leaves no part, and a stale file goes."""
+    from ditq.io.safetensors_io import TensorSource, save_safetensors
+
+    parts = {c: tmp / f".smoothing-{c}.safetensors" for c in TRANSFORMERS}
+    tensors = {}
+    for path in parts.values():
+        if not path.is_file():
+            continue
+        src = TensorSource(path)
+        try:
+            tensors.update({k: src.get(k).clone() for k in src.keys()})
+        finally:
+            src.close()
+    final = tmp / "smoothing.safetensors"
+    if tensors:
+        save_safetensors(final, tensors)
+    else:
+        final.unlink(missing_ok=True)
+    for path in parts.values():
+        path.unlink(missing_ok=True)
 
 
 def _record(p: Plan, source: str, src: Path, summaries: dict) -> VariantRecord:

@@ -64,6 +64,8 @@ class ConvertReport:
     bytes_written: int
     seconds: float
     recipe: dict = field(repr=False, default_factory=dict)
+    # {group: s [K] float32} of the groups folded into a neighbour: the coordinates a LoRA must be mapped into
+    smoothing: dict = field(repr=False, default_factory=dict)
 
 
 def _linear_names(folder: Path) -> dict[str, tuple[int, int]]:
@@ -322,6 +324,7 @@ class _Converter:
             bytes_written=path.stat().st_size,
             seconds=0.0,
             recipe=recipe,
+            smoothing={d.group.name: d.s.float().contiguous() for d in decisions if d.mode == "folded"},
         ), recipe
 
 

@@ -84,6 +84,12 @@ class Int8Recipe(Recipe):
             progress=ctx.progress,
             recipe=self.to_dict(),
         )
+        if (
+            report.smoothing
+        ):  # beside the component folders; the writer gathers them into smoothing.safetensors
+            from ditq.quant.writer import save_smoothing_part
+
+            save_smoothing_part(dst.parent, ctx.component, report.smoothing)
         return {
             "file": str(report.path),
             "bytes": report.bytes_written,
