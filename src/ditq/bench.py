@@ -53,11 +53,14 @@ def ensure_calibration(args, out: Path, settings, options=None) -> Path:
     return path
 
 
+SMOOTHED = ("int8", "svdq_w4a4", "convrot_w4a4")  # recipes whose SmoothQuant needs the calibration statistics
+
+
 def _bench_recipe(name: str, args, stats):
     from ditq.quant.recipes import parse_recipe
 
-    if name == "int8":
-        return parse_recipe("int8", alpha=args.alpha, smoothquant=stats is not None)
+    if name in SMOOTHED:
+        return parse_recipe(name, alpha=args.alpha, smoothquant=stats is not None)
     return parse_recipe(name)
 
 
@@ -97,8 +100,8 @@ def run_bench(
     if spec0.loras:
         on_step("LoRAs on every variant: " + ", ".join(f"{s.path}:{s.strength:g}" for s in spec0.loras))
     stats = None
-    if any("int8" in bases[v].split("+") for v in variant_names):
-        on_step("calibrating int8 on held-out captions")
+    if any(part in SMOOTHED for v in variant_names for part in bases[v].split("+")):
+        on_step("calibrating SmoothQuant on held-out captions")
         stats = ensure_calibration(args, out, spec0.settings, options)
     folders = {args.reference: args.model}
     for base in dict.fromkeys(bases[v] for v in variant_names):

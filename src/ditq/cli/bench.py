@@ -18,12 +18,12 @@ def add_parser(subparsers) -> None:
         "bench", help="quantize -> run -> eval -> report, end to end", description=__doc__
     )
     add_run_args(p)
-    p.set_defaults(variants="fp8,int8,q4_k,nf4,int8+q4_k", caption_modes="json,raw", steps=None)
+    p.set_defaults(variants="fp8,int8,q4_k,nf4,int8+q4_k,svdq_w4a4", caption_modes="json,raw", steps=None)
     p.add_argument("--metrics", help="comma-separated metrics (default: all registered)")
     p.add_argument(
         "--calibration-samples", type=int, default=4, help="captions used to calibrate int8 (default 4)"
     )
-    p.add_argument("--alpha", default="auto", help="int8 SmoothQuant alpha: auto or 0..1")
+    p.add_argument("--alpha", default="auto", help="SmoothQuant alpha (int8, W4A4): auto (default) or 0..1")
     p.add_argument(
         "-o", "--output", type=Path, default=Path("bench-out"), help="output folder (default bench-out)"
     )
