@@ -139,3 +139,20 @@ def test_not_an_ideogram_folder(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     with pytest.raises(ModelSourceError, match="expected 'Ideogram4Pipeline'"):
         load_pipeline(tmp_path)
+
+
+def test_a_stray_gguf_beside_the_fp8_weights_is_refused_by_name(tiny_fp8_copy):
+    """A .gguf dropped into an FP8 transformer folder must not silently replace its weights: both are named."""
+    (tiny_fp8_copy / "transformer" / "stray.gguf").write_bytes(b"GGUF")
+    with pytest.raises(CheckpointError, match=r"both GGUF \(stray.gguf\) and safetensors weights"):
+        load_pipeline(tiny_fp8_copy)
+
+
+def test_two_gguf_files_in_one_component_are_refused_by_name(tiny_fp8_copy):
+    folder = tiny_fp8_copy / "transformer"
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    (folder / "a.gguf").write_bytes(b"GGUF")
+    (folder / "b.gguf").write_bytes(b"GGUF")
+    with pytest.raises(CheckpointError, match=r"2 GGUF files \(a.gguf, b.gguf\)"):
+        load_pipeline(tiny_fp8_copy)

@@ -232,9 +232,20 @@ def load_transformer(
 
 
 def open_weights(folder: Path):
-    """A tensor source for a component folder: safetensors (single or sharded) or one GGUF file."""
+    """A tensor source for a component folder: safetensors (single or sharded) or one GGUF file, never both (a
+    stray file must not silently replace the weights the folder holds)."""
     ggufs = sorted(folder.glob("*.gguf"))
+    if len(ggufs) > 1:
+        raise CheckpointError(
+            f"{folder}: {len(ggufs)} GGUF files ({', '.join(p.name for p in ggufs)}); a component holds one"
+        )
     if ggufs:
+        others = sorted(p.name for p in folder.glob("*.safetensors"))
+        if others:
+            raise CheckpointError(
+                f"{folder}: both GGUF ({ggufs[0].name}) and safetensors weights ({', '.join(others)}); "
+                "a component holds one format: remove the one that does not belong"
+            )
         from ditq.formats.gguf import GGUFSource
 
         return GGUFSource(ggufs[0])
