@@ -87,3 +87,16 @@ def test_bench_tiny_end_to_end(tiny_fp8_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(args) == 0
     assert len((out / "run" / "manifest.jsonl").read_text().splitlines()) == 16
+
+
+def test_bench_help_names_its_own_defaults(capsys):
+    """bench shares run's arguments but not their defaults: its help says what it will run."""
+    import pytest
+
+    from ditq.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: fp8,int8,q4_k,nf4,int8+q4_k,svdq_w4a4)" in text and "(default: fp8)" not in text
+    assert "(the ablation) (default: json,raw)" in text

@@ -18,7 +18,11 @@ def add_parser(subparsers) -> None:
         "bench", help="quantize -> run -> eval -> report, end to end", description=__doc__
     )
     add_run_args(p)
-    p.set_defaults(variants="fp8,int8,q4_k,nf4,int8+q4_k,svdq_w4a4", caption_modes="json,raw", steps=None)
+    defaults = {"variants": "fp8,int8,q4_k,nf4,int8+q4_k,svdq_w4a4", "caption_modes": "json,raw"}
+    p.set_defaults(**defaults, steps=None)
+    for action in p._actions:  # the shared run arguments' help names run's defaults: name bench's
+        if action.dest in defaults and action.help:
+            action.help = action.help.split(" (default")[0] + f" (default: {defaults[action.dest]})"
     p.add_argument("--metrics", help="comma-separated metrics (default: all registered)")
     p.add_argument(
         "--calibration-samples", type=int, default=4, help="captions used to calibrate int8 (default 4)"

@@ -34,9 +34,11 @@ def add_run_args(p) -> None:
     p.add_argument("--suite", default="smoke", help="prompt suite: smoke (default), quick, full")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     p.add_argument("--limit", type=int, help="only the first N prompts of the suite")
-    p.add_argument("--caption-modes", default="json", help="json, raw or json,raw (the ablation)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument(
+        "--caption-modes", default="json", help="json, raw or json,raw (the ablation) (default: json)"
+    )
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1 ...")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype (default bf16)")
     add_execution_args(p)
     add_lora_args(p)
     add_sampling_args(p)

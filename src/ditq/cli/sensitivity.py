@@ -21,7 +21,13 @@ def add_parser(subparsers) -> None:
         default="auto",
         help="SmoothQuant alpha the layers are measured with: 'auto' (per-group search), 0..1, or 'none'",
     )
-    p.add_argument("--transformers", nargs="+", default=list(TRANSFORMERS), choices=TRANSFORMERS)
+    p.add_argument(
+        "--transformers",
+        nargs="+",
+        default=list(TRANSFORMERS),
+        choices=TRANSFORMERS,
+        help="which transformers to measure (default: both)",
+    )
     p.add_argument("--budget", help="protect budget to apply: N, count=N, bytes=2GB or error=1e-3")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype (default bf16)")
