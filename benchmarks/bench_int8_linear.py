@@ -1,6 +1,7 @@
 """ditq's W8A8 linear against bf16 `nn.Linear` (F.linear) and torchao's `Int8DynamicActivationInt8WeightConfig` (eager), at
-Ideogram 4 shapes, in one process: median wall time of repeated calls (round-robin, so all three see the same machine load), speed
-ratios and output errors.
+Ideogram 4 shapes, in one process: median wall time of repeated calls (round-robin, so all see the same machine load), speed
+ratios and output errors. The ceiling is the bare `torch._int_mm` of already-quantized activations against the layer's int8
+weight (no quantization, no rescale): what any W8A8 layer built on it could reach.
 
     python benchmarks/bench_int8_linear.py [--tokens 1024 4096] [--repeats 7] [--threads N]
 
@@ -73,8 +74,10 @@ def main() -> None:
     print(
         f"# median of {args.repeats} round-robin calls; errors: relative RMS vs float64 of the same bf16 inputs"
     )
-    header = f"{'K->N':>12} {'tokens':>6} | {'bf16 ms':>8} {'ditq ms':>8} {'torchao ms':>10} | "
-    header += f"{'ditq/bf16':>9} {'ditq/ao':>8} | {'err ditq':>9} {'err ao':>9}"
+    header = (
+        f"{'K->N':>12} {'tokens':>6} | {'bf16 ms':>8} {'ditq ms':>8} {'torchao ms':>10} {'_int_mm ms':>10} | "
+    )
+    header += f"{'ditq/bf16':>9} {'ditq/ao':>8} {'mm/bf16':>8} | {'err ditq':>9} {'err ao':>9}"
     print(header)
     gen = torch.Generator().manual_seed(0)
     for k, n in SHAPES:
@@ -86,14 +89,21 @@ def main() -> None:
         quantize_(ao, Int8DynamicActivationInt8WeightConfig())
         for m in args.tokens:
             x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+            xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=gen)
+            wt = ours.stored("weight").t()  # the layer's own int8 weight, transposed view [K, N]
+
+            def bare(_x, xq=xq, wt=wt):
+                return torch._int_mm(xq, wt)
+
             with torch.no_grad():
                 ref = x.double() @ w.double().t()
-                t = median_ms({"bf16": ref_lin, "ditq": ours, "torchao": ao}, x, args.repeats)
-                t_bf16, t_ours, t_ao = t["bf16"], t["ditq"], t["torchao"]
+                fns = {"bf16": ref_lin, "ditq": ours, "torchao": ao, "int_mm": bare}
+                t = median_ms(fns, x, args.repeats)
+                t_bf16, t_ours, t_ao, t_mm = t["bf16"], t["ditq"], t["torchao"], t["int_mm"]
                 e_ours, e_ao = rel_err(ours(x), ref), rel_err(ao(x), ref)
             print(
-                f"{f'{k}->{n}':>12} {m:>6} | {t_bf16:8.1f} {t_ours:8.1f} {t_ao:10.1f} | "
-                f"{t_bf16 / t_ours:8.2f}x {t_ao / t_ours:7.2f}x | {e_ours:9.2e} {e_ao:9.2e}"
+                f"{f'{k}->{n}':>12} {m:>6} | {t_bf16:8.1f} {t_ours:8.1f} {t_ao:10.1f} {t_mm:10.1f} | "
+                f"{t_bf16 / t_ours:8.2f}x {t_ao / t_ours:7.2f}x {t_bf16 / t_mm:7.2f}x | {e_ours:9.2e} {e_ao:9.2e}"
             )
 
 
