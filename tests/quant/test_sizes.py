@@ -51,3 +51,49 @@ def test_inspect_folder_reports_files_next_to_prediction(tiny_fp8_dir, capsys):
     # file = predicted tensor bytes + the safetensors header (small)
     assert tr["predicted_bytes"] < size < tr["predicted_bytes"] + 64 * 1024
     assert report["format"] == "fp8"
+
+
+def test_inspect_predicts_protected_and_mixed_variants_exactly(tiny_fp8_dir, tmp_path):
+    """The size rule the writers use: a SmoothQuant INT8 variant with fragile layers protected by a byte budget, and
+    a per-branch mix (INT8 conditional, Q4_K unconditional), predicted to the byte of every tensor written (the
+    files' data sections, headers aside)."""
+    from ditq.io.safetensors_io import TensorSource
+    from ditq.models.loading import load_pipeline
+    from ditq.quant.calibration import calibrate_pipeline
+    from ditq.quant.recipes import parse_recipe
+    from ditq.quant.writer import quantize_pipeline
+
+    captions = ["a red fox in the snow", "a jazz poster that reads BLUE NOTE"]
+    stats = calibrate_pipeline(
+        load_pipeline(tiny_fp8_dir), captions, height=64, width=64, steps=2, progress=False
+    )
+    path = stats.save(tmp_path / "stats.safetensors")
+    protected = parse_recipe("int8", alpha=0.5, protect_budget="bytes=200KB")
+    folders = {
+        "int8-200kb": quantize_pipeline(
+            str(tiny_fp8_dir), protected, tmp_path / "p", stats=path, progress=False
+        ),
+        "int8+q4_k": quantize_pipeline(
+            str(tiny_fp8_dir), "int8", tmp_path / "m", uncond_recipe="q4_k", stats=path, progress=False
+        ),
+    }
+    for name, folder in folders.items():
+        report = inspect_model(str(folder))
+        for tr in ("transformer", "unconditional_transformer"):
+            row = report["components"][tr]
+            ggufs = list((folder / tr).glob("*.gguf"))
+            if ggufs:
+                from gguf import GGUFReader
+
+                (gguf_path,) = ggufs
+                written = sum(int(t.n_bytes) for t in GGUFReader(gguf_path).tensors)
+            else:
+                written = TensorSource(folder / tr).total_bytes()
+            assert row["predicted_bytes"] == written, (name, tr, row["predicted_bytes"], written)
+    kept = json.loads((folders["int8-200kb"] / "ditq.json").read_text())["summary"]["transformer"][
+        "kept_bf16"
+    ]
+    plain = json.loads((folders["int8+q4_k"] / "ditq.json").read_text())["summary"]["transformer"][
+        "kept_bf16"
+    ]
+    assert len(kept) > len(plain)  # the budget protected layers beyond the default set
