@@ -156,3 +156,14 @@ def test_two_gguf_files_in_one_component_are_refused_by_name(tiny_fp8_copy):
     (folder / "b.gguf").write_bytes(b"GGUF")
     with pytest.raises(CheckpointError, match=r"2 GGUF files \(a.gguf, b.gguf\)"):
         load_pipeline(tiny_fp8_copy)
+
+
+def test_an_os_error_is_one_line_naming_the_path(tmp_path, capsys):
+    """An output whose parent is a file (any OSError: read-only, disk full, permission) ends in one line that
+    names the path, exit 1, no traceback."""
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    code = main(["captions", "suite", "--export", str(blocker / "quick.jsonl"), "--subset", "smoke"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.count("\n") == 1 and "Traceback" not in err and str(blocker) in err

@@ -98,3 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ditq {args.verb}: interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
         return 130
+    except OSError as exc:  # read-only, disk full, missing parent, permission: one line naming the path
+        print(
+            f"ditq {args.verb}: error: {_os_error(exc)}; finished work is kept and a rerun resumes",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _os_error(exc: OSError) -> str:
+    where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    what = exc.strerror or str(exc) or type(exc).__name__
+    return f"{where}: {what}" if where else what
