@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as exc:  # read-only, disk full, missing parent, permission: one line naming the path
         print(
-            f"ditq {args.verb}: error: {_os_error(exc)}; finished work is kept and a rerun resumes",
+            f"ditq {args.verb}: error: {_os_error(exc)}",
             file=sys.stderr,
         )
         return 1
