@@ -7,6 +7,7 @@ of ranks produces the same images as one process. Rank and world size come from 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -199,44 +200,51 @@ def run_generation(
     """
     from tqdm import tqdm
 
+    from ditq.runs.lock import run_lock
+
     options = options or ExecutionOptions(device=device, dtype="fp32" if dtype == torch.float32 else "bf16")
     run_dir = Path(run_dir)
     rank, world, local_rank = distributed_env()
     options = replace(options, device=rank_device(options.device, world, local_rank))
     check_variants(spec, options)
-    if rank == 0:
-        record = prepare_run_dir(run_dir, spec, options)
-        record["host"] = host_record(options.device)  # of the latest invocation: threads, load, CPU or GPU
-        record["tiny"] = _is_tiny(spec.variants[spec.reference_variant])
-        record["execution"] = options.to_dict()
-        write_json_atomic(run_dir / RUN_FILE, record)
-    _barrier(world)
-    all_jobs = plan_jobs(spec)
-    mine = all_jobs[rank::world]
-    done = finished(run_dir)
-    todo = [j for j in mine if j.key not in done]
-    manifest = run_dir / ("manifest.jsonl" if world == 1 else f"manifest.rank{rank}.jsonl")
-    desc = f"run (rank {rank}/{world})" if world > 1 else "run"
-    budget = _Budget(stop_after)
-    variant_info: dict[str, dict] = {}
-    cache = EmbeddingCache(run_dir)
-    with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress) as bar:
-        for variant, model in spec.variants.items():
-            jobs = [j for j in todo if j.variant == variant]
-            if not jobs and rank != 0:
-                continue
-            if budget.exhausted:
-                break
-            ctx = VariantRun(run_dir, spec, variant, model, options, manifest, budget, bar, cache)
-            variant_info[variant] = ctx.run(jobs)
-    result = {"generated": budget.used, "skipped": len(mine) - len(todo), "total": len(all_jobs)}
-    if budget.exhausted:
-        return {**result, "stopped": True}
-    _barrier(world)
-    if rank == 0:
-        _finish_run(run_dir, variant_info, options.device, options.torch_dtype, all_jobs)
-    _barrier(world)
-    return result
+    with contextlib.ExitStack() as stack:
+        if rank == 0:
+            record = prepare_run_dir(run_dir, spec, options)
+            stack.enter_context(run_lock(run_dir, rank))  # before anything is written: one writer per rank
+            # the host of the latest invocation: threads, load, CPU or GPU
+            record["host"] = host_record(options.device)
+            record["tiny"] = _is_tiny(spec.variants[spec.reference_variant])
+            record["execution"] = options.to_dict()
+            write_json_atomic(run_dir / RUN_FILE, record)
+        _barrier(world)
+        if rank != 0:
+            stack.enter_context(run_lock(run_dir, rank))
+        all_jobs = plan_jobs(spec)
+        mine = all_jobs[rank::world]
+        done = finished(run_dir)
+        todo = [j for j in mine if j.key not in done]
+        manifest = run_dir / ("manifest.jsonl" if world == 1 else f"manifest.rank{rank}.jsonl")
+        desc = f"run (rank {rank}/{world})" if world > 1 else "run"
+        budget = _Budget(stop_after)
+        variant_info: dict[str, dict] = {}
+        cache = EmbeddingCache(run_dir)
+        with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress) as bar:
+            for variant, model in spec.variants.items():
+                jobs = [j for j in todo if j.variant == variant]
+                if not jobs and rank != 0:
+                    continue
+                if budget.exhausted:
+                    break
+                ctx = VariantRun(run_dir, spec, variant, model, options, manifest, budget, bar, cache)
+                variant_info[variant] = ctx.run(jobs)
+        result = {"generated": budget.used, "skipped": len(mine) - len(todo), "total": len(all_jobs)}
+        if budget.exhausted:
+            return {**result, "stopped": True}
+        _barrier(world)
+        if rank == 0:
+            _finish_run(run_dir, variant_info, options.device, options.torch_dtype, all_jobs)
+        _barrier(world)
+        return result
 
 
 def _is_tiny(model: str) -> bool:
