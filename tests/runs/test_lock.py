@@ -1,4 +1,4 @@
-"""One writer per run folder and rank."""
+"""One writer per run folder and rank; a resume checks the images it keeps."""
 
 from __future__ import annotations
 
@@ -44,3 +44,33 @@ def test_ditq_run_refuses_a_folder_another_run_is_writing(tiny_fp8_dir, tmp_path
         assert not list(out.glob("images/**/*.png"))
     assert main(args) == 0
     assert len(list(out.glob("images/**/*.png"))) == 1
+
+
+def test_a_resume_regenerates_a_png_that_no_longer_matches_its_sha256(tiny_fp8_dir, tmp_path):
+    """A PNG truncated after the manifest recorded it (a crash, a full disk) is generated again on resume, to the
+    same bytes; intact ones are kept."""
+    from ditq.cli import main
+
+    out = tmp_path / "run"
+    args = [
+        "run",
+        "--model",
+        str(tiny_fp8_dir),
+        "--variants",
+        "fp8",
+        "--limit",
+        "2",
+        "--steps",
+        "1",
+        "-o",
+        str(out),
+    ]
+    assert main(args) == 0
+    pngs = sorted(out.glob("images/**/*.png"))
+    assert len(pngs) == 2
+    good = {p: p.read_bytes() for p in pngs}
+    intact_mtime = pngs[1].stat().st_mtime_ns
+    pngs[0].write_bytes(good[pngs[0]][: len(good[pngs[0]]) // 2])
+    assert main(args) == 0
+    assert pngs[0].read_bytes() == good[pngs[0]]  # regenerated, identical
+    assert pngs[1].stat().st_mtime_ns == intact_mtime  # untouched

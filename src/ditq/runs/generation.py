@@ -221,7 +221,7 @@ def run_generation(
             stack.enter_context(run_lock(run_dir, rank))
         all_jobs = plan_jobs(spec)
         mine = all_jobs[rank::world]
-        done = finished(run_dir)
+        done = finished(run_dir, verify=True)
         todo = [j for j in mine if j.key not in done]
         manifest = run_dir / ("manifest.jsonl" if world == 1 else f"manifest.rank{rank}.jsonl")
         desc = f"run (rank {rank}/{world})" if world > 1 else "run"

@@ -75,13 +75,27 @@ def manifest_files(run_dir: Path) -> list[Path]:
     return [run_dir / MANIFEST, *sorted(run_dir.glob("manifest.rank*.jsonl"))]
 
 
-def finished(run_dir: Path) -> dict[tuple, dict]:
-    """Image key -> manifest record, for images whose file still exists."""
+def finished(run_dir: Path, verify: bool = False) -> dict[tuple, dict]:
+    """Image key -> manifest record, for images whose file still exists (the latest record of a key wins).
+
+    `verify` (what a resume uses) also requires the file's sha256 to be the one recorded: a PNG truncated by a
+    crash or replaced since is generated again, with a warning naming it."""
     done: dict[tuple, dict] = {}
     for path in manifest_files(run_dir):
         for rec in read_jsonl(path):
             if (run_dir / rec["path"]).is_file():
                 done[image_key(rec)] = rec
+    if verify:
+        import hashlib
+
+        for key, rec in list(done.items()):
+            want = rec.get("sha256")
+            if want and hashlib.sha256((run_dir / rec["path"]).read_bytes()).hexdigest() != want:
+                log.warning(
+                    "%s: does not match its manifest's sha256 (truncated or replaced); generating it again",
+                    run_dir / rec["path"],
+                )
+                del done[key]
     return done
 
 
