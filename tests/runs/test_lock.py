@@ -74,3 +74,32 @@ def test_a_resume_regenerates_a_png_that_no_longer_matches_its_sha256(tiny_fp8_d
     assert main(args) == 0
     assert pngs[0].read_bytes() == good[pngs[0]]  # regenerated, identical
     assert pngs[1].stat().st_mtime_ns == intact_mtime  # untouched
+
+
+def test_run_json_records_the_int8_gemm_the_cpu_probe_chose(tiny_fp8_dir, tmp_path):
+    import json
+
+    from ditq.cli import main
+    from ditq.formats.int8_ops import cpu_gemm
+
+    out = tmp_path / "run"
+    args = [
+        "run",
+        "--model",
+        str(tiny_fp8_dir),
+        "--variants",
+        "fp8",
+        "--limit",
+        "1",
+        "--steps",
+        "1",
+        "-o",
+        str(out),
+    ]
+    assert main(args) == 0
+    rec = json.loads((out / "run.json").read_text())["host"]["int8_cpu_gemm"]
+    assert (
+        rec["gemm"] == cpu_gemm().gemm in ("int_mm", "float")
+        and "measured" in rec["reason"]
+        or "does not run" in rec["reason"]
+    )

@@ -213,6 +213,12 @@ def run_generation(
             stack.enter_context(run_lock(run_dir, rank))  # before anything is written: one writer per rank
             # the host of the latest invocation: threads, load, CPU or GPU
             record["host"] = host_record(options.device)
+            if options.device == "cpu":  # INT8 layers on the host use the GEMM a one-time measurement chose
+                from dataclasses import asdict
+
+                from ditq.formats.int8_ops import cpu_gemm
+
+                record["host"]["int8_cpu_gemm"] = asdict(cpu_gemm())
             record["tiny"] = _is_tiny(spec.variants[spec.reference_variant])
             record["execution"] = options.to_dict()
             write_json_atomic(run_dir / RUN_FILE, record)
