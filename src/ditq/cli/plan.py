@@ -42,8 +42,9 @@ def run(args) -> int:
     from ditq.quant.plan import parse_vram, plan_model
 
     variants = None if args.variants is None else [v.strip() for v in args.variants.split(",") if v.strip()]
-    if args.json:
-        report = plan_model(
+
+    def plan(progress=None) -> dict:
+        return plan_model(
             args.model,
             variants,
             args.height,
@@ -52,24 +53,17 @@ def run(args) -> int:
             batch=args.batch,
             text_tokens=args.text_tokens,
             simulate=args.simulate,
+            progress=progress,
         )
-        print(json.dumps(report, indent=2))
+
+    if args.json:
+        print(json.dumps(plan(), indent=2))
         return 0
     from rich.console import Console
 
     console = Console()
     with console.status("planning") as status:
-        report = plan_model(
-            args.model,
-            variants,
-            args.height,
-            args.width,
-            parse_vram(args.vram),
-            batch=args.batch,
-            text_tokens=args.text_tokens,
-            simulate=args.simulate,
-            progress=status.update,
-        )
+        report = plan(status.update)
     _print(console, report)
     return 0
 

@@ -45,6 +45,20 @@ DEFAULT_PROTECT = (
     "adaln_proj",
 )
 ALPHA_GRID = tuple(i / 10 for i in range(11))
+
+
+def parse_alpha(alpha: float | str | None) -> float | None:
+    """A SmoothQuant alpha as recipes take it: 'auto' (or None) searches; a number or its string is fixed."""
+    if not isinstance(alpha, str):
+        return alpha
+    if alpha == "auto":
+        return None
+    try:
+        return float(alpha)
+    except ValueError:
+        raise ConfigError(f"--alpha {alpha!r}: expected 'auto' or a number in [0, 1]") from None
+
+
 UNFOLDABLE = ("bf16", "explicit", "plain")
 STEPS = ("prepare", "convert")
 

@@ -101,15 +101,9 @@ class Int8Recipe(Recipe):
 
 
 def _int8(alpha: float | str | None = None, smoothquant: bool = True, **options) -> Int8Recipe:
-    if isinstance(alpha, str):
-        if alpha == "auto":
-            alpha = None
-        else:
-            try:
-                alpha = float(alpha)
-            except ValueError:
-                raise ConfigError(f"--alpha {alpha!r}: expected 'auto' or a number in [0, 1]") from None
-    return Int8Recipe(smoothquant=smoothquant, alpha=alpha, **options)
+    from ditq.quant.int8.config import parse_alpha
+
+    return Int8Recipe(smoothquant=smoothquant, alpha=parse_alpha(alpha), **options)
 
 
 register_name("int8", _int8)

@@ -26,7 +26,7 @@ import torch
 from ditq.errors import ConfigError
 from ditq.formats.convrot import is_power_of_four
 from ditq.formats.keys import split_module_name
-from ditq.quant.int8.config import ALPHA_GRID, DEFAULT_PROTECT, is_protected
+from ditq.quant.int8.config import ALPHA_GRID, DEFAULT_PROTECT, is_protected, parse_alpha
 from ditq.quant.recipes.base import ConvertContext, Recipe, register_name
 
 NOT_LINEAR = ("embed_image_indicator.weight",)
@@ -171,15 +171,7 @@ class ConvRotW4A4Recipe(W4A4Recipe):
 
 
 def _options(alpha: float | str | None = None, **options) -> dict:
-    if isinstance(alpha, str):
-        if alpha == "auto":
-            alpha = None
-        else:
-            try:
-                alpha = float(alpha)
-            except ValueError:
-                raise ConfigError(f"--alpha {alpha!r}: expected 'auto' or a number in [0, 1]") from None
-    return {"alpha": alpha, **options}
+    return {"alpha": parse_alpha(alpha), **options}
 
 
 register_name("svdq_w4a4", lambda **options: SVDQuantRecipe(**_options(**options)))
