@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import weakref
@@ -20,7 +19,9 @@ from pathlib import Path
 import torch
 
 from ditq.errors import CheckpointError, ConfigError, ModelSourceError
+from ditq.io.jsonfile import get_field, read_json
 from ditq.io.safetensors_io import TensorSource
+from ditq.models.folder_json import check_folder_json, library_errors, read_model_index
 from ditq.models.record import VariantRecord
 from ditq.models.weights import load_into
 
@@ -70,16 +71,14 @@ def model_defaults(folder: Path) -> ModelDefaults:
     path = Path(folder) / "ditq_tiny.json"
     if not path.is_file():
         return ModelDefaults()
-    try:
-        tiny = json.loads(path.read_text())
-        steps = tiny.get("default_steps")
-        return ModelDefaults(
-            int(tiny.get("max_sequence_length", 2048)),
-            int(tiny.get("default_size", 1024)),
-            None if steps is None else int(steps),
-        )
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{path}: not a valid tiny-model marker ({exc})") from None
+    tiny = read_json(path, "a tiny-model marker")
+    where = str(path)
+    steps = get_field(tiny, "default_steps", int, where, default=None)
+    length = get_field(tiny, "max_sequence_length", int, where, default=2048)
+    size = get_field(tiny, "default_size", int, where, default=1024)
+    if length < 1 or size < 1 or (steps is not None and steps < 1):
+        raise CheckpointError(f"{path}: max_sequence_length, default_size and default_steps must be >= 1")
+    return ModelDefaults(length, size, steps)
 
 
 def pipeline_info(pipe, default: PipelineInfo | None = None) -> PipelineInfo:
@@ -140,7 +139,7 @@ def ensure_tiny_folder(seed: int = 0) -> Path:
 
     folder = cache_dir() / f"tiny-fp8-seed{seed}"
     marker = folder / "ditq_tiny.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("builder") == TINY_BUILDER_VERSION:
+    if marker.is_file() and _tiny_builder(marker) == TINY_BUILDER_VERSION:
         return folder
     log.info("building the tiny pipeline in %s", folder)
     marker = {
@@ -154,21 +153,23 @@ def ensure_tiny_folder(seed: int = 0) -> Path:
     return folder
 
 
-def check_folder(folder: Path) -> dict:
-    index_path = folder / "model_index.json"
-    if not index_path.is_file():
-        raise ModelSourceError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+def _tiny_builder(marker: Path) -> object:
+    """The builder version a cached tiny folder records; None for a marker that cannot be read (rebuilt)."""
     try:
-        index = json.loads(index_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{index_path}: invalid JSON ({exc})") from None
-    if index.get("_class_name") != "Ideogram4Pipeline":
-        raise ModelSourceError(
-            f"{index_path}: _class_name is {index.get('_class_name')!r}, expected 'Ideogram4Pipeline'"
-        )
-    for comp in REQUIRED:
-        if comp not in index or not (folder / comp).is_dir():
-            raise ModelSourceError(f"{folder}: component {comp!r} is missing (expected a {comp}/ folder)")
+        return read_json(marker, "a tiny-model marker").get("builder")
+    except CheckpointError as exc:
+        log.warning("%s; building the tiny pipeline again", exc)
+        return None
+
+
+def check_folder(folder: Path) -> dict:
+    """`model_index.json` of a pipeline folder, after checking that every component is there and that every JSON
+    file ditq or the libraries read from it (configs, tokenizer files, shard indexes, `ditq.json`,
+    `ditq_tiny.json`) parses and has the expected shape; else ModelSourceError / CheckpointError naming it."""
+    index = read_model_index(folder, REQUIRED)
+    check_folder_json(folder, index)
+    VariantRecord.load(folder)
+    model_defaults(folder)
     return index
 
 
@@ -185,19 +186,20 @@ def _load_components(folder: Path, dtype, device, fp8_compute: str, parts: str, 
         comps["text_encoder"], info.formats["text_encoder"] = load_text_encoder(
             folder / "text_encoder", dtype, device
         )
-    try:
+    with library_errors(folder / "vae", "the VAE"):
         vae = AutoencoderKLFlux2.from_pretrained(folder / "vae", torch_dtype=dtype)
-        comps["vae"] = vae.to(device if parts != "encoder" else "cpu").eval()
+    comps["vae"] = vae.to(device if parts != "encoder" else "cpu").eval()
+    with library_errors(folder / "tokenizer", "the tokenizer", also=(Exception,)):
         comps["tokenizer"] = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    with library_errors(folder / "scheduler", "the scheduler"):
         comps["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{folder}: cannot load vae/tokenizer/scheduler: {str(exc).splitlines()[0]}"
-        ) from None
     if parts == "all" and (folder / "prompt_enhancer_head").is_dir():
         from diffusers.pipelines.ideogram4.prompt_enhancer import Ideogram4PromptEnhancerHead
 
-        head = Ideogram4PromptEnhancerHead.from_pretrained(folder / "prompt_enhancer_head", torch_dtype=dtype)
+        with library_errors(folder / "prompt_enhancer_head", "the prompt enhancer head"):
+            head = Ideogram4PromptEnhancerHead.from_pretrained(
+                folder / "prompt_enhancer_head", torch_dtype=dtype
+            )
         comps["prompt_enhancer_head"] = head.to(device).eval()
     return comps
 
@@ -220,8 +222,9 @@ def load_transformer(
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ModelSourceError(f"{folder}: no config.json")
-    config = Ideogram4Transformer2DModel.load_config(folder)
-    with init_empty_weights():
+    read_json(config_path, "a transformer config")
+    with library_errors(folder, "the transformer config"), init_empty_weights():
+        config = Ideogram4Transformer2DModel.load_config(folder)
         model = Ideogram4Transformer2DModel.from_config(config)
     source = open_weights(folder)
     counts = load_into(model, source, dtype, device, linear_options=linear_options)
@@ -278,9 +281,9 @@ def load_text_encoder(folder: Path, dtype: torch.dtype, device):
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ModelSourceError(f"{folder}: no config.json")
-    raw = json.loads(config_path.read_text())
-    config = AutoConfig.from_pretrained(folder)
-    with init_empty_weights():
+    raw = read_json(config_path, "the text encoder config")
+    with library_errors(folder, "the text encoder config"), init_empty_weights():
+        config = AutoConfig.from_pretrained(folder)
         model = Qwen3VLModel._from_config(config)
     del model.visual
     source = _WithoutVision(TensorSource(folder))

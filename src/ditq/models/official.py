@@ -19,6 +19,7 @@ from torch import nn
 
 from ditq.formats.fp8 import quantize_fp8_rowwise
 from ditq.formats.keys import split_to_fused
+from ditq.io.jsonfile import read_json
 from ditq.io.safetensors_io import save_safetensors
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -76,7 +77,7 @@ def save_official_fp8(pipe, folder: str | Path, tiny_marker: dict | None = None)
         for f in list(te.glob("*.safetensors")) + list(te.glob("*.index.json")):
             f.unlink()
         save_safetensors(te / "model.safetensors", fp8_state_dict(pipe.text_encoder), {"format": "pt"})
-        cfg = json.loads((te / "config.json").read_text())
+        cfg = read_json(te / "config.json", "the text encoder config")
         cfg["ideogram_fp8_weight_only"] = True
         (te / "config.json").write_text(json.dumps(cfg, indent=2))
         if tiny_marker is not None:

@@ -11,7 +11,6 @@ release (schema 1: `{"format", "recipe": {"name", ...}}`) are read too.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -86,11 +85,9 @@ class VariantRecord:
         path = Path(folder) / RECORD_FILE
         if not path.is_file():
             return None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from None
-        return cls.from_json(data, str(path))
+        from ditq.io.jsonfile import read_json
+
+        return cls.from_json(read_json(path, "a ditq variant record (ditq.json)"), str(path))
 
 
 def _from_schema_1(data: Mapping[str, Any], where: str) -> dict[str, Any]:

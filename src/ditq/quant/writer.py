@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ditq._version import __version__
-from ditq.errors import ConfigError
+from ditq.errors import CheckpointError, ConfigError
 from ditq.io.files import file_sha256, folder_fingerprint, link_or_copy, link_or_copy_tree, write_json_atomic
 from ditq.models.record import RECORD_FILE, TRANSFORMERS, VariantRecord
 from ditq.quant.recipes.base import ConvertContext, Recipe, parse_recipe
@@ -284,11 +284,14 @@ def _reuse_components(src: Path, tmp: Path, index: dict) -> None:
 def _convert_component(src: Path, dst: Path, p: Plan, ctx: ConvertContext) -> dict:
     marker = dst / DONE_MARKER
     if marker.is_file():
-        try:
-            done = json.loads(marker.read_text())
-        except (OSError, json.JSONDecodeError):
+        from ditq.io.jsonfile import read_json
+
+        try:  # a marker that cannot be read means "not done": the component is converted again
+            done = read_json(marker, "a conversion marker")
+        except CheckpointError as exc:
+            log.warning("%s; converting %s again", exc, ctx.component)
             done = None
-        if isinstance(done, dict) and done.get("key") == p.key:
+        if isinstance(done, dict) and done.get("key") == p.key and isinstance(done.get("summary"), dict):
             log.info("%s: already converted, resuming after it", ctx.component)
             return done["summary"]
     if dst.exists():

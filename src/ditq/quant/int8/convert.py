@@ -345,8 +345,11 @@ def convert_transformer_int8(
     `stats` (a `CalibrationStats` or its file) is required for SmoothQuant; `transformer` names the entry of the
     statistics to use (default: the source folder's name).
     """
+    from ditq.io.jsonfile import read_json
+
     t0 = time.perf_counter()
     src, dst = Path(src_folder), Path(dst_folder)
+    cfg = read_json(src / "config.json", "the transformer config")  # before any work: a bad one names itself
     if isinstance(config, SmoothQuantConfig) and config.step != "convert":
         raise ConfigError("convert_transformer_int8 needs a SmoothQuantConfig with step='convert'")
     if not isinstance(config, SmoothQuantConfig | Int8W8A8Config):
@@ -368,7 +371,6 @@ def convert_transformer_int8(
         decisions = conv.decide(progress)
         dst.mkdir(parents=True, exist_ok=True)
         report, _ = conv.write(dst, decisions, progress)
-        cfg = json.loads((src / "config.json").read_text())
         cfg.pop("quantization_config", None)
         (dst / "config.json").write_text(json.dumps(cfg, indent=2))
     finally:

@@ -226,12 +226,14 @@ def convert_transformer_w4a4(
 ) -> dict:
     """Convert one transformer component folder `src` into `dst` (config.json copied, quantization_config
     dropped); returns the summary recorded in ditq.json."""
+    from ditq.io.jsonfile import read_json
+
     src, dst = Path(src), Path(dst)
+    cfg = read_json(src / "config.json", "the transformer config")  # before any work: a bad one names itself
     writer = _Writer(src, recipe, ctx)
     try:
         dst.mkdir(parents=True, exist_ok=True)
         summary = writer.write(dst)
-        cfg = json.loads((src / "config.json").read_text())
         cfg.pop("quantization_config", None)
         (dst / "config.json").write_text(json.dumps(cfg, indent=2))
     finally:
