@@ -28,6 +28,7 @@ from ditq.runs.manifest import (
     finished,
     image_key,
     merge_manifests,
+    read_run_record,
     write_json_atomic,
 )
 from ditq.runs.variant import VariantRun, check_variants, resolve_policy, variant_options
@@ -148,7 +149,7 @@ def prepare_run_dir(run_dir: Path, spec: RunSpec, options: ExecutionOptions | No
     }
     path = run_dir / RUN_FILE
     if path.is_file():
-        existing = json.loads(path.read_text())
+        existing = read_run_record(path)
         check_compatible(existing, record, run_dir)
         merged = dict(existing)
         merged["variants"] = {
@@ -276,9 +277,8 @@ class _Budget:
 def _finish_run(
     run_dir: Path, variant_info: dict, device: str, dtype: torch.dtype, all_jobs: list[Job]
 ) -> None:
-    import json
-
-    record = json.loads((run_dir / RUN_FILE).read_text())
+    record = read_run_record(run_dir / RUN_FILE)
+    record.setdefault("variants", {})
     for name, info in variant_info.items():
         record["variants"][name] = {**record["variants"].get(name, {}), **info}
     record["device"] = str(device)

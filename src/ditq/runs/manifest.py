@@ -2,23 +2,30 @@
 
 Lines are appended whole and flushed to disk one at a time, so an interrupted run keeps every finished image; a
 torn last line is ignored on reading. With several processes each rank appends to `manifest.rank{r}.jsonl` and
-rank 0 merges them into `manifest.jsonl` (deduplicated by image key) at the end.
+rank 0 merges them into `manifest.jsonl` (deduplicated by image key) at the end. Appends and the merge take an
+exclusive `flock` on `RUN/.manifest.lock`, so a merge never replaces a file between another process's append and
+its own read of it: no line is lost, whoever appends while it runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
-from ditq.errors import ConfigError
+from ditq.errors import CheckpointError, ConfigError
+from ditq.io.jsonfile import get_field, kind_name, read_json
+from ditq.io.jsonfile import read_jsonl as read_json_lines
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 MANIFEST = "manifest.jsonl"
+MANIFEST_LOCK = ".manifest.lock"
 # Fields of run.json that every later invocation must match exactly.
 FROZEN_FIELDS = ("suite", "prompt_ids", "seeds", "caption_modes", "settings", "reference_variant")
 # Execution options recorded per variant that change its pixels: a resumed run must use the same.
@@ -30,27 +37,65 @@ def image_key(rec: dict) -> tuple[str, str, int, str]:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The records of a manifest (or any JSON-lines file of the run); [] when it does not exist. A torn last line
+    (an interrupted write) is ignored; any other bad line is a CheckpointError naming the file and line."""
     if not path.is_file():
         return []
-    out = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines):
-                log.warning("%s: ignoring a torn last line (an interrupted write)", path)
-                continue
-            raise ConfigError(f"{path}:{i}: not valid JSON") from None
-    return out
+    return [rec for _, rec in read_json_lines(path, "a manifest record", torn_tail=True)]
+
+
+def _image_records(path: Path) -> Iterator[dict]:
+    """The records of a manifest, each checked to have the fields a resume and a merge read."""
+    if not path.is_file():
+        return
+    for number, rec in read_json_lines(path, "a manifest record", torn_tail=True):
+        where = f"{path} line {number}"
+        for name in ("variant", "prompt_id", "caption_mode", "path"):
+            get_field(rec, name, str, where)
+        get_field(rec, "seed", int, where)
+        get_field(rec, "sha256", str, where, default=None)
+        rel = Path(rec["path"])
+        if rel.is_absolute() or ".." in rel.parts:
+            raise CheckpointError(f"{where}: path {rec['path']!r} must be relative and inside the run folder")
+        yield rec
+
+
+def read_run_record(path: Path) -> dict[str, Any]:
+    """`run.json` as an object whose `variants` (an object of objects) and `loras` (an array of objects) have the
+    shape the run reads; else a CheckpointError naming the file and field."""
+    record = read_json(path, "a run record (run.json)")
+    where = str(path)
+    variants = get_field(record, "variants", dict, where, default={})
+    for name, var in variants.items():
+        if not isinstance(var, dict):
+            raise CheckpointError(f"{where}: variants.{name} is not an object {{model, ...}}")
+    loras = get_field(record, "loras", (list, type(None)), where, default=None) or []
+    for i, lora in enumerate(loras):
+        if not isinstance(lora, dict):
+            raise CheckpointError(f"{where}: loras[{i}] is a JSON {kind_name(lora)}, expected an object")
+        get_field(lora, "strength", float, f"{where}: loras[{i}]", default=1.0)
+    return record
+
+
+@contextlib.contextmanager
+def manifest_lock(run_dir: Path) -> Iterator[None]:
+    """An exclusive lock on the run folder's manifests, held for one append or one whole merge (blocking: each
+    holds it for milliseconds). Released when the descriptor closes, also when the process dies."""
+    import fcntl
+
+    fd = os.open(Path(run_dir) / MANIFEST_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def append_jsonl(path: Path, rec: dict) -> None:
-    """Append one record as a whole line and flush it to disk; a torn last line left by a crash is dropped first."""
+    """Append one record as a whole line and flush it to disk; a torn last line left by a crash is dropped first.
+    Holds the folder's manifest lock, so a merge running in another process cannot drop the line."""
     data = (json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n").encode()
-    with open(path, "ab+") as f:
+    with manifest_lock(path.parent), open(path, "ab+") as f:
         size = f.seek(0, os.SEEK_END)
         if size:
             f.seek(size - 1)
@@ -82,7 +127,7 @@ def finished(run_dir: Path, verify: bool = False) -> dict[tuple, dict]:
     crash or replaced since is generated again, with a warning naming it."""
     done: dict[tuple, dict] = {}
     for path in manifest_files(run_dir):
-        for rec in read_jsonl(path):
+        for rec in _image_records(path):
             if (run_dir / rec["path"]).is_file():
                 done[image_key(rec)] = rec
     if verify:
@@ -100,17 +145,24 @@ def finished(run_dir: Path, verify: bool = False) -> dict[tuple, dict]:
 
 
 def merge_manifests(run_dir: Path, order: Iterable[tuple]) -> int:
-    """Fold rank manifests into manifest.jsonl (one line per image, in job order); returns the line count."""
-    done = finished(run_dir)
+    """Fold rank manifests into manifest.jsonl (one line per image, in job order); returns the line count.
+
+    Runs under the manifest lock from the read to the removal of the rank files: a line another process appends
+    meanwhile waits for the lock and then lands in the new manifest.jsonl or a new rank file, never in a file the
+    merge has read and is about to replace."""
     ranked = {k: i for i, k in enumerate(order)}
-    recs = sorted(done.values(), key=lambda r: ranked.get(image_key(r), len(ranked)))
-    tmp = run_dir / (MANIFEST + ".partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in recs:
-            f.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, run_dir / MANIFEST)
-    for p in run_dir.glob("manifest.rank*.jsonl"):
-        p.unlink()
+    with manifest_lock(run_dir):
+        done = finished(run_dir)
+        recs = sorted(done.values(), key=lambda r: ranked.get(image_key(r), len(ranked)))
+        tmp = run_dir / (MANIFEST + ".partial")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec in recs:
+                f.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, run_dir / MANIFEST)
+        for p in run_dir.glob("manifest.rank*.jsonl"):
+            p.unlink()
     return len(recs)
 
 
