@@ -4,7 +4,9 @@
 On disk a Linear `m` is `m.weight`, `m.bias` and format-specific extras (`m.weight_scale`, `m.weight.absmax`, ...).
 A format recognizes its tensors (by suffix and dtype), rebuilds the compute module, dequantizes for reference, slices
 and joins rows (the official fused `qkv` <-> diffusers' `to_q/to_k/to_v`), and says how many bytes a weight of a
-given shape takes: the one size rule that `inspect`, `plan` and the writers share.
+given shape takes: the one size rule that `inspect`, `plan` and the writers share. It also declares the exact dtype
+each of its stored tensors has (`stored_dtypes`), which the loader checks before it converts anything: a header that
+says F16 where the layout stores BF16 (or I8 where it stores F8_E4M3) reinterprets the same bytes, so it is refused.
 
 In memory, every quantized tensor is a frozen `nn.Parameter` (`requires_grad=False`) holding the tensor's bytes
 under an integer dtype of the same width (E4M3 as uint8, float32 scales as int32): the offload hooks of diffusers and
@@ -15,11 +17,13 @@ the compute dtype. The bias is an ordinary frozen floating-point parameter in th
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from ditq.errors import CheckpointError
 from ditq.registry import Registry
 
 # storage dtype -> the integer dtype of the same width its bytes are kept under
@@ -69,8 +73,6 @@ class QuantizedLinear(nn.Module):
     def set_bias(self, bias: torch.Tensor | None, dtype: torch.dtype | None = None) -> None:
         """The bias as a frozen floating-point parameter in `dtype` (default: the compute dtype)."""
         if bias is not None and bias.numel() != self.out_features:
-            from ditq.errors import CheckpointError
-
             raise CheckpointError(f"bias has {bias.numel()} values, expected {self.out_features}")
         value = None if bias is None else bias.detach().reshape(-1).to(dtype or self.compute_dtype)
         self.register_parameter("bias", None if value is None else nn.Parameter(value, requires_grad=False))
@@ -100,6 +102,28 @@ class LinearFormat:
     extra_suffixes: ClassVar[tuple[str, ...]] = ()
     # Nominal storage bits per weight element, excluding scales (informational).
     bits_per_weight: ClassVar[float] = 16.0
+    # Who writes this layout, for error messages ("the official FP8 layout stores float32").
+    layout: ClassVar[str] = ""
+    # {suffix: the dtypes a stored tensor with that suffix may have}: the format's own tensors (`weight` and the
+    # extras). `bias` is not listed: like every unquantized tensor it is held to the component's float dtype.
+    stored_dtypes: ClassVar[Mapping[str, tuple[torch.dtype, ...]]] = {}
+
+    def expected_dtypes(self, suffixes: Collection[str]) -> Mapping[str, tuple[torch.dtype, ...]]:
+        """{suffix: allowed dtypes} for a module stored with these suffixes; a format whose dtypes depend on which
+        tensors are present (NF4 with double quantization) overrides this."""
+        return self.stored_dtypes
+
+    def check_dtypes(self, dtypes: Mapping[str, torch.dtype], keys: Mapping[str, str], where: str) -> None:
+        """CheckpointError naming `where` (the file), the stored key and both dtypes when a tensor of this format
+        is not stored in a dtype its layout uses. `dtypes` and `keys` are keyed by suffix."""
+        expected = self.expected_dtypes(dtypes.keys())
+        for suffix, dtype in dtypes.items():
+            allowed = expected.get(suffix)
+            if allowed is not None and dtype not in allowed:
+                raise CheckpointError(
+                    f"{where}: tensor {keys[suffix]} is {dtype_name(dtype)}; {self.layout or self.name} stores "
+                    f"{' or '.join(dtype_name(d) for d in allowed)}"
+                )
 
     def matches(self, tensors: dict[str, torch.Tensor]) -> bool:
         raise NotImplementedError
@@ -126,6 +150,15 @@ class LinearFormat:
 
 
 LINEAR_FORMATS: Registry[LinearFormat] = Registry("linear format")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`float16 (F16)`: the torch name and the safetensors header name of a dtype."""
+    from ditq.io.safetensors_header import DTYPE_NAMES
+
+    name = str(dtype).removeprefix("torch.")
+    code = DTYPE_NAMES.get(dtype)
+    return f"{name} ({code})" if code else name
 
 
 def register_format(cls: type[LinearFormat]) -> type[LinearFormat]:

@@ -154,6 +154,10 @@ class ConvRotW4A4Format(LinearFormat):
     name = "int4_convrot"
     extra_suffixes = SUFFIXES
     bits_per_weight = 4.0
+    layout = "comfy-kitchen's ConvRot W4A4 layout"
+    # `tensor_specs` above: comfy-kitchen's TensorCoreConvRotW4A4Layout packs the codes into int8 and keeps an
+    # fp32 row scale
+    stored_dtypes = {"weight": (torch.int8,), "weight_scale": (torch.float32,), "comfy_quant": (torch.uint8,)}
 
     def matches(self, tensors: dict[str, torch.Tensor]) -> bool:
         w = tensors.get("weight")

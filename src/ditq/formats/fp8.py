@@ -126,6 +126,15 @@ class Fp8RowwiseFormat(LinearFormat):
     name = "fp8"
     extra_suffixes = SCALE_ALIASES
     bits_per_weight = 8.0
+    layout = "the official FP8 layout"
+    # E4M3 weights and fp32 row scales: the official checkpoint (FACTS: `weight_scale` fp32 [N]), diffusers' own
+    # row-scale FP8 (`quantizers/bfl`: `weight_scale` = absmax / 448 in float32), ditq's FP8 writer, and ComfyUI
+    # imports (per-tensor scales rewritten to fp32 [N]). No producer stores a 16-bit scale.
+    stored_dtypes = {
+        "weight": (torch.float8_e4m3fn,),
+        "weight_scale": (torch.float32,),
+        "scale_weight": (torch.float32,),
+    }
 
     def matches(self, tensors: dict[str, torch.Tensor]) -> bool:
         w = tensors.get("weight")

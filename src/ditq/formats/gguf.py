@@ -119,6 +119,10 @@ class GGUFBlockFormat(LinearFormat):
     name = "gguf"
     extra_suffixes = (QTYPE_SUFFIX,)
     bits_per_weight = 4.5
+    layout = "GGUF (as GGUFSource exposes it)"
+    # `GGUFSource`: a block-quantized weight is its raw bytes plus the 0-d type id; the ggml type itself is
+    # checked against the loadable types when the file is opened (`ditq.gguf.GGUFFile`)
+    stored_dtypes = {"weight": (torch.uint8,), QTYPE_SUFFIX: (torch.int32,)}
 
     def matches(self, tensors: dict[str, torch.Tensor]) -> bool:
         return QTYPE_SUFFIX in tensors
@@ -164,6 +168,13 @@ def _foreign_suffixes() -> tuple[str, ...]:
     )
 
 
+def _most_common(qtypes: list[Q]) -> Q | None:
+    """The float type most of `qtypes` have (BF16, then F16, on a tie); None for none."""
+    if not qtypes:
+        return None
+    return max((Q.BF16, Q.F16, Q.F32), key=qtypes.count)
+
+
 class GGUFSource:
     """A GGUF file seen as named tensors for `ditq.models.weights.load_into`."""
 
@@ -196,6 +207,58 @@ class GGUFSource:
 
     def keys(self) -> list[str]:
         return list(self._names)
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype `get(name)` returns, from the file's tensor table (no data read)."""
+        try:
+            stored, kind = self._names[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
+        if kind == "qtype":
+            return torch.int32
+        return torch.uint8 if kind == "raw" else _FLOAT_TYPES[self.file.info(stored).qtype]
+
+    @property
+    def written_by_ditq(self) -> bool:
+        """Whether ditq's GGUF writer wrote the file (it records its recipe under `ditq.recipe`)."""
+        return "ditq.recipe" in self.metadata
+
+    def check_float_dtypes(self, names: list[str]) -> None:
+        """Refuse a float tensor whose GGUF type breaks the file's float rule, naming the tensor and both types.
+
+        ggml types are explicit, and F16 and BF16 (2 bytes each) decode the same bytes to other numbers, so a type
+        is checked as a safetensors dtype is: 1-D tensors and tensors of at most 1024 elements are F32 (ditq's
+        writer, ComfyUI-GGUF's converter) or, in a file another tool wrote, that file's float type; every other
+        float tensor is BF16 in a file ditq wrote (`tensor_type`) and, in another tool's file, the float type most
+        of its float tensors have (stable-diffusion.cpp keeps the source's BF16; a converter from F16 keeps F16).
+        """
+        small: dict[str, Q] = {}
+        large: dict[str, Q] = {}
+        for name in names:
+            info = self.file.info(self._names[name][0])
+            part = small if len(info.shape) <= 1 or math.prod(info.shape) <= SMALL_TENSOR else large
+            part[name] = info.qtype
+        if self.written_by_ditq:
+            want, who = Q.BF16, "ditq's GGUF writer stores"
+        else:
+            want = _most_common(list(large.values()))
+            who = f"the other float tensors of more than {SMALL_TENSOR} elements in this file are"
+        for name, qtype in large.items():
+            if qtype != want:
+                raise CheckpointError(
+                    f"{self.path}: tensor {name} is GGUF {qtype.name}; {who} {want.name} "
+                    f"(float tensors of more than {SMALL_TENSOR} elements)"
+                )
+        if not self.written_by_ditq and want is None:
+            want = _most_common([q for q in small.values() if q != Q.F32])
+        allowed = (Q.F32,) if self.written_by_ditq or want in (None, Q.F32) else (Q.F32, want)
+        for name, qtype in small.items():
+            if qtype not in allowed:
+                what = "ditq's GGUF writer stores" if self.written_by_ditq else "this file stores"
+                raise CheckpointError(
+                    f"{self.path}: tensor {name} is GGUF {qtype.name}; {what} 1-D float tensors and those of at "
+                    f"most {SMALL_TENSOR} elements as {' or '.join(q.name for q in allowed)}"
+                )
 
     def get(self, name: str) -> torch.Tensor:
         try:

@@ -184,6 +184,20 @@ class Int8TensorwiseFormat(LinearFormat):
     name = "int8"
     extra_suffixes = ("weight_scale", "comfy_quant")
     bits_per_weight = 8.0
+    layout = "ComfyUI's INT8 layout (comfy_quant int8_tensorwise)"
+    # comfy-kitchen serializes the row scales in float32 and stable-diffusion.cpp reads only an F32 [N, 1] scale
+    # (docs/LAYOUTS.md, the `scale` rule); the marker is UTF-8 bytes in a U8 tensor.
+    stored_dtypes = {"weight": (torch.int8,), "weight_scale": (torch.float32,), "comfy_quant": (torch.uint8,)}
+
+    def check_dtypes(self, dtypes, keys, where: str) -> None:
+        super().check_dtypes(dtypes, keys, where)
+        if "comfy_quant" not in dtypes:
+            # ComfyUI, stable-diffusion.cpp and ditq's writer and importer mark every int8 layer; an unmarked one
+            # is most likely an FP8 weight whose header was changed to I8 (the same bytes, other numbers)
+            raise CheckpointError(
+                f"{where}: tensor {keys['weight']} is int8 without a comfy_quant marker; every INT8 layout ditq "
+                "reads marks its int8 layers (an F8_E4M3 weight relabelled I8 looks like this)"
+            )
 
     def matches(self, tensors: dict[str, torch.Tensor]) -> bool:
         w = tensors.get("weight")

@@ -164,6 +164,24 @@ class NF4Format(LinearFormat):
     name = "nf4"
     extra_suffixes = ("weight.absmax", "weight.quant_map", *STATE_SUFFIXES, *NESTED)
     bits_per_weight = 4.5
+    layout = "the bitsandbytes NF4 layout"
+    # bitsandbytes 0.50.2 `QuantState.as_dict(packed=True)` and `Params4bit` with its default uint8 quant_storage:
+    # packed codes U8, absmax and the code book F32, the JSON state U8 (`pack_dict_to_tensor`). With double
+    # quantization the absmax is itself blockwise-quantized to U8 and its own absmax and code book are F32.
+    stored_dtypes = {
+        "weight": (torch.uint8,),
+        "weight.absmax": (torch.float32,),
+        "weight.quant_map": (torch.float32,),
+        **{s: (torch.uint8,) for s in STATE_SUFFIXES},
+        "weight.nested_absmax": (torch.float32,),
+        "weight.nested_quant_map": (torch.float32,),
+        "weight.quant_state.bitsandbytes__nested": (torch.uint8,),
+    }
+
+    def expected_dtypes(self, suffixes):
+        if "weight.nested_absmax" in suffixes:
+            return {**self.stored_dtypes, "weight.absmax": (torch.uint8,)}
+        return self.stored_dtypes
 
     def matches(self, tensors) -> bool:
         return any(s in tensors for s in STATE_SUFFIXES)

@@ -250,6 +250,14 @@ class SVDQuantFormat(LinearFormat):
     name = "int4_svdquant"
     extra_suffixes = SUFFIXES
     bits_per_weight = 4.0
+    layout = "comfy-kitchen's SVDQuant W4A4 layout"
+    # `tensor_specs` above: the scales, the low-rank branch and the smoothing factor in the model's 16-bit dtype,
+    # which for Ideogram 4 is bfloat16 (nunchaku's float16 variant serves float16 models only)
+    stored_dtypes = {
+        "weight": (torch.int8,),
+        **{s: (STORE_DTYPE,) for s in SUFFIXES if s != "comfy_quant"},
+        "comfy_quant": (torch.uint8,),
+    }
 
     def matches(self, tensors: dict[str, torch.Tensor]) -> bool:
         w = tensors.get("weight")
