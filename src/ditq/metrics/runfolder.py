@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ditq.errors import DitqError
+from ditq.io.jsonfile import read_json, read_jsonl
 
 SCORE_COLUMNS = ("variant", "prompt_id", "seed", "caption_mode", "category", "metric", "value")
 
@@ -57,30 +58,17 @@ class ImageRecord:
 
 
 def _read_json(path: Path) -> object:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunFolderError(f"{path} does not exist; expected a run folder written by `ditq run`") from None
-    except json.JSONDecodeError as exc:
-        raise RunFolderError(f"{path} is not valid JSON: {exc}") from None
+    if not path.is_file():
+        raise RunFolderError(f"{path} does not exist; expected a run folder written by `ditq run`")
+    return read_json(path, "a run record (run.json)", expect=dict, error=RunFolderError)
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise RunFolderError(f"{path} does not exist; expected a run folder written by `ditq run`")
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RunFolderError(f"{path} line {number}: not valid JSON: {exc}") from None
-            if not isinstance(record, dict):
-                raise RunFolderError(f"{path} line {number}: expected a JSON object")
-            records.append((number, record))
-    return records
+    # a run killed mid-append leaves a torn last manifest line, which `ditq run` also ignores (and rewrites)
+    torn_tail = path.name == "manifest.jsonl"
+    return read_jsonl(path, f"a {path.stem} record", error=RunFolderError, torn_tail=torn_tail)
 
 
 def _field(record: dict, name: str, kind: type, where: str, default: object = ...) -> object:
@@ -109,8 +97,7 @@ class RunFolder:
         if not root.is_dir():
             raise RunFolderError(f"{root} is not a folder; expected a run folder written by `ditq run`")
         run = _read_json(root / "run.json")
-        if not isinstance(run, dict):
-            raise RunFolderError(f"{root / 'run.json'}: expected a JSON object")
+        _field(run, "reference_variant", str, str(root / "run.json"), None)
 
         prompts: dict[str, PromptRecord] = {}
         for number, record in _read_jsonl(root / "prompts.jsonl"):

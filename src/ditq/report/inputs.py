@@ -12,7 +12,6 @@ values, and infinities of other metrics, are dropped, and counted for the report
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from collections.abc import Iterable
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ditq.errors import DitqError
+from ditq.io.jsonfile import get_field, read_json, read_jsonl
 
 SCORE_COLUMNS = ("variant", "prompt_id", "seed", "caption_mode", "category", "metric", "value")
 FAMILIES = ("fidelity", "text", "preference", "check")
@@ -149,25 +149,28 @@ class RunData:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RunFolderError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    return read_json(path, f"a run folder's {path.name}", expect=None, error=RunFolderError)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RunFolderError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise RunFolderError(f"{path}:{lineno}: expected a JSON object per line")
-        records.append(record)
-    return records
+    # a run killed mid-append leaves a torn last manifest line, which `ditq run` also ignores (and rewrites)
+    torn_tail = path.name == "manifest.jsonl"
+    what = f"a {path.stem} record"
+    return [r for _, r in read_jsonl(path, what, error=RunFolderError, torn_tail=torn_tail)]
+
+
+def _run_fields(run: dict[str, Any], path: Path) -> None:
+    """The run.json fields the report reads, of the types it reads them as."""
+    where = str(path)
+    for name in ("prompt_ids", "seeds", "caption_modes"):
+        get_field(run, name, (list, type(None)), where, None, RunFolderError)
+    for name in ("settings", "host"):
+        get_field(run, name, (dict, type(None)), where, None, RunFolderError)
+    for name in ("suite", "reference_variant", "ditq_version"):
+        get_field(run, name, (str, type(None)), where, None, RunFolderError)
+    for i, seed in enumerate(run.get("seeds") or []):
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise RunFolderError(f"{path}: seeds[{i}] is {seed!r}, expected an integer")
 
 
 def _byte_counts(value: Any, where: str) -> dict[str, int]:
@@ -223,7 +226,8 @@ def _load_metrics(path: Path) -> tuple[dict[str, MetricInfo], list[str]]:
     raw = _read_json(path)
     missing_images: list[str] = []
     if isinstance(raw, dict) and isinstance(raw.get("metrics"), dict):
-        missing_images = [str(p) for p in raw.get("missing_images") or []]
+        listed = get_field(raw, "missing_images", (list, type(None)), str(path), None, RunFolderError)
+        missing_images = [str(p) for p in listed or []]
         raw = raw["metrics"]
     if not isinstance(raw, dict):
         raise RunFolderError(f"{path}: expected an object {{metric name: {{available, reason, ...}}}}")
@@ -350,6 +354,7 @@ def load_run(run_dir: str | Path) -> RunData:
     run = _read_json(run_path)
     if not isinstance(run, dict):
         raise RunFolderError(f"{run_path}: expected a JSON object")
+    _run_fields(run, run_path)
     variants = _load_variants(run.get("variants"), run_path)
     prompts_path = root / "prompts.jsonl"
     prompts = {str(r.get("id")): r for r in _read_jsonl(prompts_path)} if prompts_path.is_file() else {}
