@@ -18,14 +18,21 @@ def meta_components(folder: Path) -> dict:
     from diffusers import AutoencoderKLFlux2, Ideogram4Transformer2DModel
     from transformers import AutoConfig, Qwen3VLModel
 
+    from ditq.models.folder_json import library_errors
+
     comps = {}
-    with init_empty_weights(include_buffers=True):
+    with init_empty_weights(include_buffers=True):  # a config of a shape the library refuses names its folder
         for name in ("transformer", "unconditional_transformer"):
-            comps[name] = Ideogram4Transformer2DModel.from_config(
-                Ideogram4Transformer2DModel.load_config(folder / name)
+            with library_errors(folder / name, f"the {name} config"):
+                comps[name] = Ideogram4Transformer2DModel.from_config(
+                    Ideogram4Transformer2DModel.load_config(folder / name)
+                )
+        with library_errors(folder / "text_encoder", "the text encoder config"):
+            comps["text_encoder"] = Qwen3VLModel._from_config(
+                AutoConfig.from_pretrained(folder / "text_encoder")
             )
-        comps["text_encoder"] = Qwen3VLModel._from_config(AutoConfig.from_pretrained(folder / "text_encoder"))
-        comps["vae"] = AutoencoderKLFlux2.from_config(AutoencoderKLFlux2.load_config(folder / "vae"))
+        with library_errors(folder / "vae", "the VAE config"):
+            comps["vae"] = AutoencoderKLFlux2.from_config(AutoencoderKLFlux2.load_config(folder / "vae"))
     return comps
 
 
