@@ -87,23 +87,37 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        from ditq.cli.checks import precheck
+
+        precheck(args.verb, args)  # paths and folders, before torch and the models are imported
         if args.verb in COMPUTE_VERBS:
             from ditq.host import set_threads
 
             args.threads = set_threads(args.threads)
         return int(args.func(args) or 0)
-    except DitqError as exc:
+    except DitqError as exc:  # 2: usage or file error; 1: input read but invalid (a caption breaking a rule)
         print(f"ditq {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"ditq {args.verb}: interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
         return 130
     except OSError as exc:  # read-only, disk full, missing parent, permission: one line naming the path
+        print(f"ditq {args.verb}: error: {_os_error(exc)}", file=sys.stderr)
+        return 2
+    except Exception:  # noqa: BLE001 - a crash: never reported as an input or usage error
+        import traceback
+
+        traceback.print_exc()
         print(
-            f"ditq {args.verb}: error: {_os_error(exc)}",
+            f"ditq {args.verb}: internal error (a bug in ditq, not in your input); please report it with the "
+            "traceback above",
             file=sys.stderr,
         )
-        return 1
+        return CRASH
+
+
+# Exit status of a crash (sysexits' EX_SOFTWARE), distinct from 1 (invalid input) and 2 (usage or file error).
+CRASH = 70
 
 
 def _os_error(exc: OSError) -> str:

@@ -12,7 +12,7 @@ from ditq.errors import ConfigError
 
 def add_parser(subparsers) -> None:
     from ditq.cli.generate import add_offload_arg, add_sampling_args
-    from ditq.models.execution import OFFLOAD
+    from ditq.names import OFFLOAD
 
     p = subparsers.add_parser(
         "calibrate", help="record activation statistics for INT8 / GGUF", description=__doc__

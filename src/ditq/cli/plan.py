@@ -7,7 +7,8 @@ import json
 
 
 def add_parser(subparsers) -> None:
-    from ditq.quant.plan import CARDS, DEFAULT_VARIANTS
+    from ditq.names import CARDS
+    from ditq.names import PLAN_VARIANTS as DEFAULT_VARIANTS
 
     p = subparsers.add_parser(
         "plan",

@@ -15,9 +15,9 @@ from ditq.errors import ConfigError
 
 
 def add_parser(subparsers) -> None:
-    from ditq.quant.recipes import recipe_names
+    from ditq.names import RECIPE_NAMES
 
-    names = recipe_names()
+    names = list(RECIPE_NAMES)
     p = subparsers.add_parser(
         "quantize", help="quantize both transformers into a pipeline folder", description=__doc__
     )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ditq.report import StatsSettings, build_report
-from ditq.stats import DEFAULT_RESAMPLES, DEFAULT_SEED
+from ditq.names import BOOTSTRAP_RESAMPLES as DEFAULT_RESAMPLES
+from ditq.names import BOOTSTRAP_SEED as DEFAULT_SEED
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -24,6 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run", metavar="RUN", help="run folder written by `ditq run` and scored by `ditq eval`")
     p.add_argument("-o", "--out", metavar="DIR", default=None, help="output folder (default: RUN/report)")
+    p.add_argument(
+        "--force", action="store_true", help="write into an existing -o folder that is not a ditq report folder"
+    )
     p.add_argument(
         "--quality-metric",
         metavar="NAME",
@@ -47,6 +50,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ditq.report import StatsSettings, build_report
+
     settings = StatsSettings(n_resamples=args.resamples, seed=args.seed)
     paths = build_report(
         args.run,

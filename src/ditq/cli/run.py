@@ -37,6 +37,11 @@ def add_run_args(p) -> None:
     p.add_argument(
         "--caption-modes", default="json", help="json, raw or json,raw (the ablation) (default: json)"
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into an existing -o folder that is not a ditq run (bench) folder; nothing in it is deleted",
+    )
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1 ...")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype (default bf16)")
     add_execution_args(p)

@@ -8,10 +8,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ditq.errors import ConfigError
+from ditq.names import ATTENTION, OFFLOAD
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-ATTENTION = ("sdpa", "int8")
-OFFLOAD = ("none", "encoder", "model", "group", "sequential", "auto")
 # Variant-name suffixes that change how a variant runs, not what it is: `int8@attn8` is the `int8` folder run with
 # INT8 attention, so one run compares both kernels on the same weights.
 VARIANT_SUFFIXES: dict[str, dict[str, str]] = {"attn8": {"attention": "int8"}}

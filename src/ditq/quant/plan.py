@@ -43,16 +43,15 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ditq.errors import ConfigError
+from ditq.names import CARDS, GiB, PLAN_VARIANTS
 from ditq.quant.activations import decode_activations, denoise_activations, dims, encode_activations
 from ditq.quant.footprint import Weights, weights
 
-GiB = 2**30
-CARDS = {"3090": 24 * GiB, "4090": 24 * GiB, "a100-40": 40 * GiB, "a100-80": 80 * GiB, "h100": 80 * GiB}
 RESERVE = int(1.5 * GiB)
 POLICY_ORDER = ("none", "encoder", "group", "model", "sequential")  # fastest first
 STAGES = ("encode", "denoise", "decode")
 TRANSFORMERS = ("transformer", "unconditional_transformer")
-DEFAULT_VARIANTS = ("fp8", "int8", "q8_0", "q6_k", "q4_k", "nf4", "int8+q4_k")
+DEFAULT_VARIANTS = PLAN_VARIANTS
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 

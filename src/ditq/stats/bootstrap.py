@@ -24,11 +24,12 @@ import numpy as np
 from scipy.special import ndtr, ndtri
 
 from ditq.errors import ConfigError
+from ditq.names import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
 from ditq.stats.permutation import sign_flip_pvalue
 
 Method = Literal["bca", "percentile"]
-DEFAULT_RESAMPLES = 10_000
-DEFAULT_SEED = 0
+DEFAULT_RESAMPLES = BOOTSTRAP_RESAMPLES
+DEFAULT_SEED = BOOTSTRAP_SEED
 # Index matrices are drawn in chunks of at most this many elements (8 bytes each) to bound memory.
 _CHUNK_ELEMENTS = 4_000_000
 
