@@ -22,8 +22,11 @@ def test_generate_writes_png_with_settings_and_is_reproducible(tiny_fp8_dir, tmp
 
 
 def test_generate_reads_jsonl_prompts_and_multiple_seeds(tiny_fp8_dir, tmp_path):
+    from ditq.prompts.suite import load_suite
+
+    caption = load_suite("smoke")[0].caption  # a caption that follows the official rules
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"prompt": "one"}) + "\n" + json.dumps({"caption": '{"a":1}'}) + "\n")
+    prompts.write_text(json.dumps({"prompt": "one"}) + "\n" + json.dumps({"caption": caption}) + "\n")
     code = main(
         [
             "generate",
@@ -46,7 +49,7 @@ def test_generate_reads_jsonl_prompts_and_multiple_seeds(tiny_fp8_dir, tmp_path)
         "001_s0.png",
         "001_s1.png",
     ]
-    assert Image.open(tmp_path / "o" / "001_s0.png").text["prompt"] == '{"a":1}'
+    assert Image.open(tmp_path / "o" / "001_s0.png").text["prompt"] == caption
 
 
 def test_generate_never_replaces_an_earlier_image_without_force(tiny_fp8_dir, tmp_path, capsys):

@@ -160,10 +160,10 @@ def test_two_gguf_files_in_one_component_are_refused_by_name(tiny_fp8_copy):
 
 def test_an_os_error_is_one_line_naming_the_path(tmp_path, capsys):
     """An output whose parent is a file (any OSError: read-only, disk full, permission) ends in one line that
-    names the path, exit 1, no traceback."""
+    names the path, exit 2 (a file error), no traceback."""
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a folder")
     code = main(["captions", "suite", "--export", str(blocker / "quick.jsonl"), "--subset", "smoke"])
     err = capsys.readouterr().err
-    assert code == 1, err
+    assert code == 2, err
     assert err.count("\n") == 1 and "Traceback" not in err and str(blocker) in err

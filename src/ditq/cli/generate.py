@@ -19,7 +19,7 @@ def add_common_model_args(p) -> None:
 
 def add_execution_args(p, offload: bool = True) -> None:
     """--fp8-compute, --compile, --attention and (with `offload`) --offload: how a pipeline runs."""
-    from ditq.models.execution import OFFLOAD
+    from ditq.names import OFFLOAD
 
     p.add_argument(
         "--fp8-compute",
@@ -119,6 +119,12 @@ def add_parser(subparsers) -> None:
     src.add_argument(
         "--prompts", type=Path, help="a .txt file (one prompt per line) or .jsonl (caption/prompt field)"
     )
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="use each prompt as raw text; without it, a prompt that starts with '{' must be a caption that "
+        "follows the official rules (ditq captions rules)",
+    )
     p.add_argument("--seed", default="0", help="seed, or comma-separated seeds (default 0)")
     p.add_argument("-o", "--output", type=Path, default=Path("out"), help="output folder (default ./out)")
     p.add_argument("--force", action="store_true", help="replace images already in the output folder")
@@ -184,6 +190,16 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+def check_prompts(prompts: list[str], where: list[str]) -> None:
+    """A prompt that starts with `{` is meant as a JSON caption: it must parse and follow the official caption
+    rules (CaptionError names the rule), so a missing brace is never generated as raw text without a word."""
+    from ditq.prompts.validate import check_caption
+
+    for prompt, at in zip(prompts, where, strict=True):
+        if prompt.lstrip().startswith("{"):
+            check_caption(prompt, where=f"{at} (pass --raw to use it as raw text)")
+
+
 def parse_seeds(text: str) -> list[int]:
     try:
         return [int(s) for s in str(text).split(",") if s.strip()]
@@ -194,12 +210,20 @@ def parse_seeds(text: str) -> list[int]:
 def run(args) -> int:
     from tqdm import tqdm
 
+    from ditq.io.files import naming
     from ditq.lora import lora_records
     from ditq.models.loading import model_defaults, pipeline_info, resolve_source
     from ditq.models.sampling import check_size, generate, png_metadata
     from ditq.runs.placed import placed_pipeline
 
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    if not args.raw:
+        where = (
+            ["--prompt"]
+            if args.prompt is not None
+            else [f"{args.prompts} prompt {i + 1}" for i in range(len(prompts))]
+        )
+        check_prompts(prompts, where)
     seeds = parse_seeds(args.seed)
     loras = loras_from_args(args)
     opts = execution_from_args(args)
@@ -239,7 +263,8 @@ def run(args) -> int:
             **extra,
         )
         tmp = path.with_name(path.name + ".partial")
-        image.save(tmp, format="PNG", pnginfo=meta)
-        os.replace(tmp, path)
+        with naming(path):
+            image.save(tmp, format="PNG", pnginfo=meta)
+            os.replace(tmp, path)
         print(path)
     return 0

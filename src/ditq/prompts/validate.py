@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ditq.errors import ConfigError
+from ditq.errors import ConfigError, InvalidInputError
 from ditq.prompts import schema
 from ditq.prompts.rules import LEVELS, LINT, OFFICIAL, RULES
 
@@ -51,8 +51,8 @@ class CaptionProblem:
         return text if self.level == OFFICIAL else f"{text} ({self.level})"
 
 
-class CaptionError(ConfigError):
-    """A caption broke one or more rules; `problems` holds them all."""
+class CaptionError(InvalidInputError, ConfigError):
+    """A caption broke one or more rules; `problems` holds them all (CLI exit status 1)."""
 
     def __init__(self, problems: Sequence[CaptionProblem], where: str = "") -> None:
         self.problems = list(problems)
