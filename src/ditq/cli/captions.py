@@ -207,19 +207,16 @@ def run_suite(args) -> int:
         print(f"{'total':<13} {len(records):>4}  suite {args.subset!r}")
         return 0
     items = {item.id: item for item in suite_records(args.subset, mode=args.mode)}
+    from ditq.io.files import write_text_atomic
+
+    lines = []
+    for r in records:
+        item = items[r.id]
+        line = {"id": r.id, "category": r.category, "mode": args.mode, "text": item.text, "texts": list(r.texts)}
+        line.update({"prompt": r.prompt, "caption": r.caption})
+        lines.append(dumps_line(line))
     args.export.parent.mkdir(parents=True, exist_ok=True)
-    with args.export.open("w", encoding="utf-8") as out:
-        for r in records:
-            item = items[r.id]
-            line = {
-                "id": r.id,
-                "category": r.category,
-                "mode": args.mode,
-                "text": item.text,
-                "texts": list(r.texts),
-            }
-            line.update({"prompt": r.prompt, "caption": r.caption})
-            out.write(dumps_line(line))
+    write_text_atomic(args.export, "".join(lines))
     print(f"wrote {len(records)} prompt(s) of suite {args.subset!r} ({args.mode} mode) to {args.export}")
     return 0
 
@@ -229,7 +226,9 @@ def run_schema(args) -> int:
 
     text = json.dumps(caption_json_schema(), indent=2, ensure_ascii=False) + "\n"
     if args.output:
-        args.output.write_text(text, encoding="utf-8")
+        from ditq.io.files import write_text_atomic
+
+        write_text_atomic(args.output, text)
     else:
         sys.stdout.write(text)
     return 0

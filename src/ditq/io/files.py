@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -26,22 +28,40 @@ def link_or_copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     shutil.copytree(src, dst, copy_function=link_or_copy, dirs_exist_ok=True)
 
 
+@contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Give an OSError raised inside the block `path` as its file name when it has none (a full disk reports
+    ENOSPC on write or close without one), so the error the user reads says which file."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from exc
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write `path` through a temporary file of a unique name in the same folder, then rename it into place: a
-    reader sees the old content or the new one, never a torn file, and concurrent writers never share a temporary."""
+    reader sees the old content or the new one, never a torn file, and concurrent writers never share a temporary.
+    A path that is not a regular file (`/dev/stdout`, a FIFO) is written directly."""
     import tempfile
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with naming(path):
+        if path.exists() and not path.is_file():
+            with path.open("w", encoding="utf-8") as f:
+                f.write(text)
+            return
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
