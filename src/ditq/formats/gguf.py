@@ -168,13 +168,6 @@ def _foreign_suffixes() -> tuple[str, ...]:
     )
 
 
-def _most_common(qtypes: list[Q]) -> Q | None:
-    """The float type most of `qtypes` have (BF16, then F16, on a tie); None for none."""
-    if not qtypes:
-        return None
-    return max((Q.BF16, Q.F16, Q.F32), key=qtypes.count)
-
-
 class GGUFSource:
     """A GGUF file seen as named tensors for `ditq.models.weights.load_into`."""
 
@@ -226,38 +219,36 @@ class GGUFSource:
     def check_float_dtypes(self, names: list[str]) -> None:
         """Refuse a float tensor whose GGUF type breaks the file's float rule, naming the tensor and both types.
 
-        ggml types are explicit, and F16 and BF16 (2 bytes each) decode the same bytes to other numbers, so a type
-        is checked as a safetensors dtype is: 1-D tensors and tensors of at most 1024 elements are F32 (ditq's
-        writer, ComfyUI-GGUF's converter) or, in a file another tool wrote, that file's float type; every other
-        float tensor is BF16 in a file ditq wrote (`tensor_type`) and, in another tool's file, the float type most
-        of its float tensors have (stable-diffusion.cpp keeps the source's BF16; a converter from F16 keeps F16).
+        ggml types are explicit, and F16 and BF16 (2 bytes each) decode the same bytes to other numbers. In a file
+        ditq wrote, the type is the one `tensor_type` gives: F32 for 1-D tensors and those of at most 1024
+        elements, BF16 for every other unquantized tensor. Another tool's file keeps its own 16-bit type (sd.cpp
+        keeps the source's BF16, 1-D tensors too; a converter from F16 keeps F16) beside any F32 tensors
+        (ComfyUI-GGUF keeps small ones F32): every 16-bit float tensor has the type most of them have. F32 cannot be relabelled
+        at the same size (I32 is not a type ditq loads), so it is never the suspect there.
         """
-        small: dict[str, Q] = {}
-        large: dict[str, Q] = {}
-        for name in names:
-            info = self.file.info(self._names[name][0])
-            part = small if len(info.shape) <= 1 or math.prod(info.shape) <= SMALL_TENSOR else large
-            part[name] = info.qtype
+        types = {name: self.file.info(self._names[name][0]).qtype for name in names}
+        for name, qtype in types.items():
+            if self.written_by_ditq:
+                shape = self.file.info(self._names[name][0]).shape
+                small = len(shape) <= 1 or math.prod(shape) <= SMALL_TENSOR
+                if small:
+                    want, what = Q.F32, f"1-D tensors and tensors of at most {SMALL_TENSOR} elements"
+                else:
+                    want, what = Q.BF16, f"the unquantized tensors of more than {SMALL_TENSOR} elements"
+                if qtype != want:
+                    raise CheckpointError(
+                        f"{self.path}: tensor {name} is GGUF {qtype.name}; ditq's GGUF writer stores {what} as "
+                        f"{want.name}"
+                    )
         if self.written_by_ditq:
-            want, who = Q.BF16, "ditq's GGUF writer stores"
-        else:
-            want = _most_common(list(large.values()))
-            who = f"the other float tensors of more than {SMALL_TENSOR} elements in this file are"
-        for name, qtype in large.items():
-            if qtype != want:
+            return
+        half = [q for q in types.values() if q != Q.F32]
+        want = max((Q.BF16, Q.F16), key=half.count) if half else None
+        for name, qtype in types.items():
+            if qtype not in (Q.F32, want):
                 raise CheckpointError(
-                    f"{self.path}: tensor {name} is GGUF {qtype.name}; {who} {want.name} "
-                    f"(float tensors of more than {SMALL_TENSOR} elements)"
-                )
-        if not self.written_by_ditq and want is None:
-            want = _most_common([q for q in small.values() if q != Q.F32])
-        allowed = (Q.F32,) if self.written_by_ditq or want in (None, Q.F32) else (Q.F32, want)
-        for name, qtype in small.items():
-            if qtype not in allowed:
-                what = "ditq's GGUF writer stores" if self.written_by_ditq else "this file stores"
-                raise CheckpointError(
-                    f"{self.path}: tensor {name} is GGUF {qtype.name}; {what} 1-D float tensors and those of at "
-                    f"most {SMALL_TENSOR} elements as {' or '.join(q.name for q in allowed)}"
+                    f"{self.path}: tensor {name} is GGUF {qtype.name}; the other {half.count(want)} 16-bit float "
+                    f"tensors of this file are {want.name} (a file keeps one 16-bit float type)"
                 )
 
     def get(self, name: str) -> torch.Tensor:
