@@ -152,6 +152,13 @@ class LinearFormat:
 LINEAR_FORMATS: Registry[LinearFormat] = Registry("linear format")
 
 
+def kept_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a writer stores a tensor it does not quantize in (norms, biases, embeddings, kept Linears):
+    bfloat16 for every float, as the official FP8 layout does and the loader requires beside quantized layers;
+    integer and bool tensors keep their own."""
+    return torch.bfloat16 if dtype.is_floating_point else dtype
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """`float16 (F16)`: the torch name and the safetensors header name of a dtype."""
     from ditq.io.safetensors_header import DTYPE_NAMES

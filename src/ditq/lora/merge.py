@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ditq.errors import CheckpointError, ConfigError
+from ditq.formats.base import kept_dtype
 from ditq.lora.files import LoraFile, read_lora
 from ditq.lora.names import COND
 from ditq.lora.spec import LoraSpec, parse_lora_spec
@@ -177,7 +178,8 @@ def _merge_component(src: Path, dst: Path, component: str, loras, strict: bool) 
         shape = (sum(i.shape[0] for i in infos), *infos[0].shape[1:]) if len(infos) > 1 else infos[0].shape
         module, _, leaf = name.rpartition(".")
         is_weight = leaf == "weight" and any(m in shapes for m in split_module_name(module))
-        specs[name] = (torch.bfloat16 if is_weight else infos[0].dtype, tuple(shape))
+        dtype = torch.bfloat16 if is_weight else kept_dtype(infos[0].dtype)  # one float dtype in the folder
+        specs[name] = (dtype, tuple(shape))
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src / "config.json", dst / "config.json")
     record = [{"name": lora.name, "strength": s} for lora, s, _ in loras]

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ditq.errors import CheckpointError, ConfigError
+from ditq.formats.base import kept_dtype
 from ditq.formats.fp8 import SCALE_ALIASES
 from ditq.formats.int8 import QUANT_METADATA_KEY, marker_tensor, quantization_metadata
 from ditq.formats.int8_ops import quantize_weight_per_channel
@@ -238,10 +239,16 @@ class _Converter:
                 else:
                     mine["weight"] = (torch.bfloat16, (n, k))
                 if "bias" in suffixes:
-                    mine["bias"] = (self.reader.dtype(f"{module}.bias"), self.reader.shape(f"{module}.bias"))
+                    mine["bias"] = (
+                        kept_dtype(self.reader.dtype(f"{module}.bias")),
+                        self.reader.shape(f"{module}.bias"),
+                    )
             else:
                 for sfx in suffixes:
-                    mine[sfx] = (self.reader.dtype(f"{module}.{sfx}"), self.reader.shape(f"{module}.{sfx}"))
+                    mine[sfx] = (
+                        kept_dtype(self.reader.dtype(f"{module}.{sfx}")),
+                        self.reader.shape(f"{module}.{sfx}"),
+                    )
             for sfx in sorted(mine):
                 specs[f"{module}.{sfx}"] = mine[sfx]
         return specs
@@ -281,7 +288,7 @@ class _Converter:
         if quantize:
             out["weight_scale"], out["comfy_quant"] = out_s, marker_tensor()
         if bias is not None:
-            out["bias"] = b.to(bias.dtype)
+            out["bias"] = b.to(kept_dtype(bias.dtype))
         return out
 
     def write(self, dst: Path, decisions: list[GroupDecision], progress: bool) -> tuple[ConvertReport, dict]:
@@ -313,6 +320,7 @@ class _Converter:
                     tensors = {s: self.reader.get(f"{module}.{s}") for s in self.modules[module]}
                     if module in norms and "weight" in tensors:
                         tensors["weight"] = fold_into_norm(tensors["weight"], norms[module])
+                    tensors = {s: t.to(kept_dtype(t.dtype)) for s, t in tensors.items()}
                 for s in sorted(tensors):
                     writer.write(f"{module}.{s}", tensors[s])
         return ConvertReport(

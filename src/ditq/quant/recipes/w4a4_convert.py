@@ -23,6 +23,7 @@ import torch
 
 from ditq._version import __version__
 from ditq.errors import CheckpointError
+from ditq.formats.base import kept_dtype
 from ditq.formats.fp8 import SCALE_ALIASES
 from ditq.formats.int8 import QUANT_METADATA_KEY
 from ditq.io.safetensors_io import StreamingSafetensorsWriter
@@ -133,7 +134,7 @@ class _Writer:
         else:
             specs = {"weight": (torch.bfloat16, (n, k))}
         if "bias" in self.modules[unit]:
-            specs["bias"] = (self.reader.dtype(f"{unit}.bias"), self.reader.shape(f"{unit}.bias"))
+            specs["bias"] = (kept_dtype(self.reader.dtype(f"{unit}.bias")), self.reader.shape(f"{unit}.bias"))
         return specs
 
     def write(self, dst: Path) -> dict:
@@ -152,7 +153,7 @@ class _Writer:
                 mine = self.unit_specs(module, module in quantized)
             else:
                 mine = {
-                    s: (self.reader.dtype(f"{module}.{s}"), self.reader.shape(f"{module}.{s}"))
+                    s: (kept_dtype(self.reader.dtype(f"{module}.{s}")), self.reader.shape(f"{module}.{s}"))
                     for s in self.modules[module]
                 }
             specs.update({f"{module}.{s}": mine[s] for s in sorted(mine)})
@@ -181,6 +182,7 @@ class _Writer:
                     tensors_out = {s: self.reader.get(f"{module}.{s}") for s in self.modules[module]}
                     if module in folds.norms and "weight" in tensors_out:
                         tensors_out["weight"] = fold_into_norm(tensors_out["weight"], folds.norms[module])
+                    tensors_out = {s: t.to(kept_dtype(t.dtype)) for s, t in tensors_out.items()}
                 for s in sorted(tensors_out):
                     writer.write(f"{module}.{s}", tensors_out[s])
         seconds = time.perf_counter() - t0
@@ -217,7 +219,7 @@ class _Writer:
                 w = w * col[None, :]
             out = {"weight": w.to(torch.bfloat16)}
         if bias is not None:
-            out["bias"] = b.to(bias.dtype)
+            out["bias"] = b.to(kept_dtype(bias.dtype))
         return out
 
 
