@@ -12,7 +12,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "ditq"
 # bottom to top; a package may import from its own and from lower ranks only
 LAYERS = [
-    {"errors", "_version"},
+    {"errors", "_version", "names"},
     {"registry", "host"},
     {"io", "gguf"},
     {"formats"},

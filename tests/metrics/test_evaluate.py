@@ -321,3 +321,18 @@ def test_cli_eval_says_each_unavailable_reason_once_on_one_line(
     assert not [r for r in caplog.records if r.levelno >= logging.INFO and "alexnet.pth" in r.getMessage()]
     entry = json.loads((run_dir / "metrics.json").read_text())["metrics"]["lpips"]
     assert entry["reason"] == expected.removeprefix("lpips: unavailable: ")
+
+
+def test_an_unreadable_earlier_metrics_json_is_rewritten_not_a_traceback(tmp_path, caplog):
+    """Earlier entries are kept only when metrics.json reads as an object of objects; anything else (bytes that are
+    not UTF-8, a list, an entry that is not an object) is logged, naming the file, and the scores are rewritten."""
+    from ditq.metrics.evaluate import _previous_entries
+
+    path = tmp_path / "metrics.json"
+    path.write_bytes(b'{"metrics": {"psnr": {"n": 1}}, "note": "\xff"}')
+    assert _previous_entries(path) == {}
+    assert str(path) in caplog.text and "UTF-8" in caplog.text
+    path.write_text('[{"metrics": {}}]')
+    assert _previous_entries(path) == {}
+    path.write_text(json.dumps({"metrics": {"psnr": {"n": 1}, "ssim": [1, 2], "clip_score": "x"}}))
+    assert _previous_entries(path) == {"psnr": {"n": 1}}

@@ -197,7 +197,11 @@ def test_cli_report_prints_where_the_report_is(synthetic_run, tmp_path, capsys):
 def test_cli_report_bad_input_is_one_line_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
-    assert "ditq report: error:" in err and "run.json not found" in err
+    assert "ditq report: error:" in err and "missing: no such folder" in err and err.count("\n") == 1
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "ditq report: error:" in err and "run.json not found" in err and err.count("\n") == 1
 
 
 def test_report_reads_what_ditq_eval_writes(tmp_path):

@@ -27,7 +27,6 @@ flagged images out of every quality mean.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -308,10 +307,15 @@ def _previous_entries(path: Path) -> dict[str, dict]:
     """Metric entries of an earlier metrics.json, kept for metrics not run this time."""
     if not path.is_file():
         return {}
+    from ditq.errors import DitqError
+    from ditq.io.jsonfile import read_json
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        logger.warning("%s is not valid JSON; it is rewritten", path)
+        data = read_json(path, "metrics.json")
+    except DitqError as exc:  # not UTF-8, not JSON, not an object: the scores are rewritten from the images
+        logger.warning("%s; it is rewritten", exc)
         return {}
-    entries = data.get("metrics") if isinstance(data, dict) else None
-    return dict(entries) if isinstance(entries, dict) else {}
+    entries = data.get("metrics")
+    if not isinstance(entries, dict):
+        return {}
+    return {str(k): v for k, v in entries.items() if isinstance(v, dict)}
