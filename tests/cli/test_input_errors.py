@@ -88,6 +88,25 @@ def test_a_prompt_that_starts_with_a_brace_must_be_a_valid_caption(tmp_path, cap
     _one_line(capsys.readouterr().err, f"{prompts} prompt 2", "invalid-json")
 
 
+def test_prompt_and_caption_files_that_do_not_read_are_one_line_naming_them(tmp_path, capsys):
+    """Not UTF-8, a line that is not an object, a line without a prompt: exit 2 naming the file (and the line)."""
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    assert main(["generate", "--prompts", str(bad)]) == 2
+    _one_line(capsys.readouterr().err, str(bad), "UTF-8")
+    lines = tmp_path / "p.jsonl"
+    lines.write_text('{"prompt": "a fox"}\n["a list"]\n')
+    assert main(["generate", "--prompts", str(lines)]) == 2
+    _one_line(capsys.readouterr().err, str(lines), "line 2")
+    lines.write_text('{"prompt": "a fox"}\n{"seed": 3}\n')
+    assert main(["calibrate", "tiny", "--captions", str(lines), "-o", str(tmp_path / "s.safetensors")]) == 2
+    _one_line(capsys.readouterr().err, f"{lines}:2", "'caption' or 'prompt'")
+    assert (
+        main(["calibrate", "tiny", "--captions", str(tmp_path / "no.jsonl"), "-o", str(tmp_path / "s")]) == 2
+    )
+    _one_line(capsys.readouterr().err, "no.jsonl", "no such file")
+
+
 def _pipeline_folder(path: Path) -> Path:
     path.mkdir(parents=True)
     (path / "model_index.json").write_text('{"_class_name": "Ideogram4Pipeline"}')

@@ -4,7 +4,6 @@ and GGUF importance matrices."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ditq.errors import ConfigError
@@ -50,25 +49,9 @@ def add_parser(subparsers) -> None:
 
 def read_captions(path: Path) -> list[str]:
     """Captions from a JSONL file: each line an object with a `caption` (text or JSON object) or `prompt`."""
-    if not path.is_file():
-        raise ConfigError(f"--captions {path}: no such file")
-    out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
-        if not isinstance(rec, dict):
-            raise ConfigError(f"{path}:{i}: expected a JSON object with a 'caption' or 'prompt' field")
-        text = rec.get("caption") or rec.get("prompt")
-        if isinstance(text, dict):
-            text = json.dumps(text, ensure_ascii=False, separators=(",", ":"))
-        if not isinstance(text, str) or not text.strip():
-            raise ConfigError(f"{path}:{i}: expected a non-empty 'caption' or 'prompt'")
-        out.append(text)
-    return out
+    from ditq.cli.generate import read_jsonl_prompts
+
+    return read_jsonl_prompts(path, "--captions")
 
 
 def default_captions() -> list[str]:

@@ -38,6 +38,7 @@ INPUT_FILES: dict[str, tuple[str, ...]] = {
     "generate": ("prompts",),
     "quantize": ("stats", "fragility"),
     "sensitivity": ("stats",),
+    "calibrate": ("captions",),
     "convert": ("uncond", "config"),
 }
 # Verb -> attributes holding input folders that must exist.

@@ -169,25 +169,35 @@ def settings_from_args(args, info):
     )
 
 
-def read_prompts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise ConfigError(f"--prompts {path}: no such file")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if path.suffix != ".jsonl":
-        return [line for line in lines if line.strip()]
-    prompts = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
-        text = rec.get("caption") or rec.get("prompt") if isinstance(rec, dict) else None
-        if not isinstance(text, str):
-            raise ConfigError(f"{path}:{i}: expected a JSON object with a 'caption' or 'prompt' string")
-        prompts.append(text)
-    return prompts
+def read_prompts(path: Path, flag: str = "--prompts") -> list[str]:
+    """Prompts from a .txt file (one per line) or a .jsonl file (see `read_jsonl_prompts`)."""
+    from ditq.io.jsonfile import read_bytes
+
+    if path.suffix == ".jsonl":
+        return read_jsonl_prompts(path, flag)
+    raw = read_bytes(path, f"{flag} file", ConfigError)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start}); expected one prompt per line"
+        ) from None
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def read_jsonl_prompts(path: Path, flag: str) -> list[str]:
+    """Each line an object with a `caption` (text, or a JSON object) or a `prompt`."""
+    from ditq.io.jsonfile import read_jsonl
+
+    out = []
+    for i, rec in read_jsonl(path, f"{flag} file", ConfigError):
+        text = rec.get("caption") or rec.get("prompt")
+        if isinstance(text, dict):
+            text = json.dumps(text, ensure_ascii=False, separators=(",", ":"))
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f"{path}:{i}: expected a non-empty 'caption' or 'prompt' string")
+        out.append(text)
+    return out
 
 
 def check_prompts(prompts: list[str], where: list[str]) -> None:
