@@ -107,7 +107,7 @@ def run_bench(
     for base in dict.fromkeys(bases[v] for v in variant_names):
         if base in folders:
             continue
-        folder = out / "variants" / base
+        folder = Path(getattr(args, "variant_dir", None) or out / "variants") / base
         on_step(f"quantizing {base} -> {folder}")
         cond, _, uncond = base.partition("+")
         quantize_pipeline(

@@ -38,10 +38,16 @@ def test_bench_tiny_end_to_end(tiny_fp8_dir, tmp_path, capsys):
         "2",
         "--metrics",
         "psnr,ssim,ocr_exact,ocr_ned,clip_score",
+        "--variant-dir",
+        str(tmp_path / "variants"),
         "-o",
         str(out),
     ]
     assert main(args) == 0
+    made = sorted(
+        p.name for p in (tmp_path / "variants").iterdir()
+    )  # --variant-dir is where bench writes them
+    assert made == ["int8", "nf4", "q4_k"] and not (out / "variants").exists()
     html = (out / "run" / "report" / "index.html").read_text()
     for title in SECTIONS:
         assert title in html, title

@@ -20,6 +20,12 @@ def add_parser(subparsers) -> None:
     add_run_args(p)
     defaults = {"variants": "fp8,int8,q4_k,nf4,int8+q4_k,svdq_w4a4", "caption_modes": "json,raw"}
     p.set_defaults(**defaults, steps=None)
+    for action in p._actions:
+        if action.dest == "variant_dir":
+            action.help = (
+                "where bench writes the quantized variants, and reuses those whose recipe, options, "
+            )
+            action.help += "source and statistics match (default: OUTPUT/variants)"
     for action in p._actions:  # the shared run arguments' help names run's defaults: name bench's
         if action.dest in defaults and action.help:
             action.help = action.help.split(" (default")[0] + f" (default: {defaults[action.dest]})"
@@ -39,7 +45,7 @@ def run(args) -> int:
     from ditq.cli.generate import execution_from_args
 
     variant_names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    args.variant_dir = args.output / "variants"
+    args.variant_dir = args.variant_dir or args.output / "variants"  # where bench writes (and reuses) them
     paths = run_bench(
         args,
         variant_names,
