@@ -154,11 +154,12 @@ def calibrate_model(
         raise ConfigError(f"the probe ran no Linear layer of {name!r} (does it call the model?)")
     stats = rec.result(dict(meta or {}))
     if find_groups and name in rec.first_calls:
-        from ditq.quant.int8.groups import discover_groups, groups_to_json
+        from ditq.quant.int8.groups import discover_groups, groups_to_json, is_ideogram
 
         args, kwargs = rec.first_calls.pop(name)
-        groups = discover_groups(model, lambda m: m(*args, **kwargs))
-        stats.groups[name] = groups_to_json(groups)
+        if not is_ideogram(model):  # Ideogram 4 keeps its named groups, which its files follow
+            groups = discover_groups(model, lambda m: m(*args, **kwargs))
+            stats.groups[name] = groups_to_json(groups)
     return stats
 
 

@@ -12,6 +12,7 @@ timestep-embedding MLP plus `adaln_proj` that feed them. Per-token activation qu
 scales the whole conditioning vector by its largest entry and collapses the small entries that set each block's
 scale and gate. Override with `Int8W8A8Config(protect=...)` (fnmatch patterns on diffusers or official names).
 The official fused `attention.qkv` is one tensor on disk, so protecting any of to_q/to_k/to_v protects all three.
+Any other model's smoothing groups come from `SmoothQuantConfig(groups=...)` or a trace (`ditq.quant.int8.groups`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import fnmatch
 import logging
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -31,7 +32,8 @@ from ditq.formats.int8 import KERNELS, Int8Linear
 from ditq.formats.keys import fused_module_name
 from ditq.quant.api import QuantizationRecord, register_quantize_handler
 from ditq.quant.calibration import DEFAULT_BUCKETS, CalibrationRecorder, CalibrationStats
-from ditq.quant.int8.smoothquant import SEARCH_ROWS, AlphaChoice, SmoothGroup, fold_into_norm, search_alpha
+from ditq.quant.int8.groups import fold_norm_, is_ideogram, model_groups, parse_groups, resolve_unfoldable
+from ditq.quant.int8.smoothquant import SEARCH_ROWS, AlphaChoice, SmoothGroup, search_alpha
 from ditq.quant.modules import float_linear, float_weight, linear_modules, model_dtype, set_module
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ def parse_alpha(alpha: float | str | None) -> float | None:
         raise ConfigError(f"--alpha {alpha!r}: expected 'auto' or a number in [0, 1]") from None
 
 
-UNFOLDABLE = ("bf16", "explicit", "plain")
+UNFOLDABLE = ("auto", "bf16", "explicit", "plain")
 STEPS = ("prepare", "convert")
 
 
@@ -87,20 +89,27 @@ class Int8W8A8Config:
 @dataclass(frozen=True, kw_only=True)
 class SmoothQuantConfig:
     """SmoothQuant around a W8A8 config. `alpha=None` searches α per group over `alpha_grid`; a number applies it
-    everywhere. `unfoldable` says what happens to a smoothed group with no neighbour to fold 1/s into. The search
-    measures each candidate on `search_rows` evenly spaced output rows per weight (None: all rows)."""
+    everywhere. `unfoldable` says what happens to a smoothed group with no neighbour to fold 1/s into: "bf16" keeps
+    it in float, "explicit" fuses s into activation quantization, "plain" quantizes it unsmoothed, "auto" is "bf16"
+    on an Ideogram 4 transformer and "explicit" on any other model (`groups.resolve_unfoldable`). The search
+    measures each candidate on `search_rows` evenly spaced output rows per weight (None: all rows). `groups`
+    (SmoothGroups, {"linears", "fold": "norm:<module>" | "rows:<Linear>", "name"} mappings or lists of Linear
+    names) replaces the model's own groups; Linears it leaves out are smoothed alone, unfolded."""
 
     base: Int8W8A8Config = field(default_factory=Int8W8A8Config)
     alpha: float | None = None
     alpha_grid: tuple[float, ...] = ALPHA_GRID
     allow_no_smoothing: bool = True
-    unfoldable: str = "bf16"
+    unfoldable: str = "auto"
     step: str = "convert"
     buckets: tuple[float, ...] = DEFAULT_BUCKETS
     sample_tokens: int = 64
     search_rows: int | None = SEARCH_ROWS
+    groups: tuple[SmoothGroup, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.groups is not None:
+            object.__setattr__(self, "groups", parse_groups(self.groups, "SmoothQuantConfig.groups"))
         if not isinstance(self.base, Int8W8A8Config):
             raise ConfigError(f"base must be an Int8W8A8Config, got {type(self.base).__name__}")
         if self.alpha is not None and not 0.0 <= float(self.alpha) <= 1.0:
@@ -196,8 +205,8 @@ def decide_group(
         return GroupDecision(
             group, "explicit", choice, f"{gain}; applied as a scale fused into activation quantization"
         )
-    if config.unfoldable == "bf16":
-        return GroupDecision(group, "bf16", choice, f"{gain} but has no neighbouring weight to fold 1/s into")
+    if config.unfoldable in ("bf16", "auto"):  # "auto" left unresolved: the rule a file follows
+        return GroupDecision(group, "bf16", choice, f"no neighbouring weight to fold 1/s into: {gain}")
     return GroupDecision(group, "none", choice, f"{gain} but cannot be folded; quantized without smoothing")
 
 
@@ -225,9 +234,7 @@ def apply_decisions_(
             if kind == "rows":
                 rows[target] = d.s
             else:
-                norm = model.get_submodule(target)
-                with torch.no_grad():
-                    norm.weight.copy_(fold_into_norm(norm.weight, d.s))
+                fold_norm_(model.get_submodule(target), d.s)  # weight (and a LayerNorm's bias) / s
     kept: dict[str, str] = {}
 
     def reason(name: str, d: GroupDecision | None) -> str:
@@ -317,12 +324,13 @@ _RECORDERS: weakref.WeakKeyDictionary[nn.Module, CalibrationRecorder] = weakref.
 
 @register_quantize_handler(SmoothQuantConfig)
 def _quantize_smoothquant(model, config: SmoothQuantConfig, filter_fn, *, stats=None, transformer=None):
-    from ditq.quant.int8.smoothquant import smooth_groups
-
+    ideogram = is_ideogram(model)
     if config.step == "prepare":
         rec = CalibrationRecorder(config.buckets, config.sample_tokens, probes_per_bucket=0)
-        _RECORDERS[model] = rec.attach(model, transformer or "model")
+        # another model's groups are traced on its first call, at convert
+        _RECORDERS[model] = rec.attach(model, transformer or "model", capture_first_call=not ideogram)
         return QuantizationRecord(config=config.to_dict(), details={"step": "prepare"})
+    run = None
     if stats is None:
         rec = _RECORDERS.pop(model, None)
         if rec is None:
@@ -332,13 +340,18 @@ def _quantize_smoothquant(model, config: SmoothQuantConfig, filter_fn, *, stats=
             )
         rec.detach()
         stats = rec.result()
+        first = next(iter(rec.first_calls.values()), None)
+        if first is not None:
+            run = lambda m: m(*first[0], **first[1])  # noqa: E731
     transformer = _pick_transformer(stats, transformer)
     mods, skipped = linear_modules(model, filter_fn)
     protected = protected_set(mods, config.base.protect) | skipped | too_narrow(mods, config.base)
+    groups = model_groups(model, mods, explicit=config.groups, stats=stats, transformer=transformer, run=run)
+    applied = replace(config, unfoldable=resolve_unfoldable(config.unfoldable, ideogram))
     decisions = []
-    for g in smooth_groups(mods):
+    for g in groups:
         decisions.append(
-            decide_group(g, lambda n: float_weight(mods[n]), stats, transformer, config, protected)
+            decide_group(g, lambda n: float_weight(mods[n]), stats, transformer, applied, protected)
         )
         log.debug("%s: %s", g.name, decisions[-1].summary())
     reasons = _reasons(mods, config.base)
