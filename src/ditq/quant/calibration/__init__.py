@@ -10,7 +10,13 @@ fragility analysis and GGUF importance matrices are computed from.
 
 from __future__ import annotations
 
-from ditq.quant.calibration.recorder import CalibrationRecorder, default_token_mask, probe_inputs
+from ditq.quant.calibration.recorder import (
+    CalibrationRecorder,
+    TokenMask,
+    call_arguments,
+    default_token_mask,
+    probe_inputs,
+)
 from ditq.quant.calibration.run import calibrate_model, calibrate_pipeline
 from ditq.quant.calibration.stats import (
     DEFAULT_BUCKETS,
@@ -39,7 +45,9 @@ __all__ = [
     "CalibrationRecorder",
     "CalibrationStats",
     "ModuleStats",
+    "TokenMask",
     "calibrate_model",
+    "call_arguments",
     "calibrate_pipeline",
     "captions_hash",
     "default_token_mask",

@@ -256,6 +256,11 @@ class CalibrationRecorder:
                 )
 
 
+def call_arguments(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments of a call of `model` by parameter name (what `token_mask` reads), from a forward pre-hook."""
+    return _bind(_signature(model), args, kwargs)
+
+
 def _signature(model: nn.Module) -> inspect.Signature | None:
     try:
         return inspect.signature(model.forward)

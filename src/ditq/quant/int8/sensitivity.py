@@ -6,6 +6,11 @@ calibration probes (complete transformer calls kept by the calibration, spread o
 layer's fragility is the relative squared error of the transformer output on the image tokens,
 Σ ||y_q - y||² / Σ ||y||² over the probes, with every other layer left as it is.
 
+Any other model takes a `probe`: a callable that runs it (`probe(model)`, e.g. on one tokenized batch). Its error is
+then measured on every floating-point tensor its top-level calls return, without the padding tokens: an output
+whose leading dims are the call's [B, T] token mask (`token_mask`, default: the `attention_mask` argument) keeps
+only the real tokens. Its smoothing groups are those SmoothQuant gives it (`ditq.quant.int8.groups.model_groups`).
+
 `choose_protected` picks layers to keep in bf16 under a budget: a number of layers, extra bytes, or a target error.
 The unit of choice is what the file stores as one tensor: to_q/to_k/to_v are one fused `attention.qkv`. The target
 error assumes the per-layer errors add up (independent errors): layers are protected from the most fragile down
@@ -17,7 +22,7 @@ from __future__ import annotations
 import csv
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -27,7 +32,14 @@ from torch import nn
 from ditq.errors import ConfigError
 from ditq.formats.int8 import Int8Linear, marker_bytes
 from ditq.formats.keys import fused_module_name
-from ditq.quant.calibration import CalibrationStats, is_linear_like, probe_inputs
+from ditq.quant.calibration import (
+    CalibrationStats,
+    TokenMask,
+    call_arguments,
+    default_token_mask,
+    is_linear_like,
+    probe_inputs,
+)
 from ditq.quant.int8.config import (
     DEFAULT_PROTECT,
     Int8W8A8Config,
@@ -36,7 +48,8 @@ from ditq.quant.int8.config import (
     float_weight,
     is_protected,
 )
-from ditq.quant.int8.smoothquant import smooth_groups, w8a8_relative_error
+from ditq.quant.int8.groups import float_tensors, is_ideogram, model_groups, resolve_unfoldable
+from ditq.quant.int8.smoothquant import w8a8_relative_error
 
 log = logging.getLogger(__name__)
 OUTPUT_IMAGE_INDICATOR = 2
@@ -73,6 +86,39 @@ def _outputs(model: nn.Module, probes: Sequence[dict], dtype: torch.dtype) -> li
     return outs
 
 
+def _probe_outputs(model: nn.Module, probe: Callable, token_mask: TokenMask | None) -> list[torch.Tensor]:
+    """The float tensors every top-level call of `model` returns while `probe(model)` runs, padding tokens left
+    out (float64)."""
+    outs: list[torch.Tensor] = []
+    mask: list[torch.Tensor | None] = [None]
+
+    def pre(module, args, kwargs):
+        m = None if token_mask is None else token_mask(call_arguments(model, args, kwargs))
+        mask[0] = None if m is None else m.bool()
+
+    def post(module, args, kwargs, out):
+        for t in float_tensors(out):
+            m = mask[0]
+            keep = m is not None and tuple(t.shape[: m.dim()]) == tuple(m.shape)
+            outs.append((t[m.to(t.device)] if keep else t).detach().double())
+
+    handles = [
+        model.register_forward_pre_hook(pre, with_kwargs=True),
+        model.register_forward_hook(post, with_kwargs=True),
+    ]
+    try:
+        with torch.no_grad():
+            probe(model)
+    finally:
+        for h in handles:
+            h.remove()
+    if not outs:
+        raise ConfigError(
+            f"the probe ran no call of the {type(model).__name__} it was given (does it call the model?)"
+        )
+    return outs
+
+
 def _relative_error(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
     num = sum(float(((y - r) ** 2).sum()) for y, r in zip(outs, refs, strict=True))
     den = sum(float((r**2).sum()) for r in refs)
@@ -94,32 +140,48 @@ def measure_fragility(
     config: SmoothQuantConfig | Int8W8A8Config | None = None,
     layers: Iterable[str] | None = None,
     progress: bool = True,
+    *,
+    probe: Callable[[nn.Module], object] | None = None,
+    token_mask: TokenMask | None = default_token_mask,
 ) -> list[FragilityRow]:
-    """One row per Linear of `model` (the float or FP8 reference), in model order, `rank` unset."""
+    """One row per Linear of `model` (the float or FP8 reference), in model order, `rank` unset. Without `probe`,
+    the model is run on the statistics' Ideogram 4 probes; with one, `probe(model)` runs it (module docstring)."""
     from tqdm.auto import tqdm
 
     config = config or SmoothQuantConfig()
     probes = stats.probes.get(transformer, [])
-    if not probes:
+    if probe is None and not probes:
         raise ConfigError(
-            f"the statistics hold no probes for {transformer}; recalibrate with probes_per_bucket >= 1"
+            f"the statistics hold no probes for {transformer}: recalibrate with probes_per_bucket >= 1, or pass "
+            "probe= (a callable that runs the model)"
         )
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     mods = {n: m for n, m in model.named_modules() if is_linear_like(m)}
     wanted = set(mods if layers is None else layers)
+    unknown = sorted(wanted - set(mods))
+    if unknown:
+        raise ConfigError(f"layers: {unknown[0]!r} is no Linear of the model ({len(unknown)} unknown)")
     measure_cfg = config
-    if isinstance(config, SmoothQuantConfig):
-        measure_cfg = replace(config, unfoldable="plain")
+    ideogram = is_ideogram(model, mods)
+    if isinstance(config, SmoothQuantConfig):  # unfoldable groups measured as the model would hold them
+        applied = resolve_unfoldable(config.unfoldable, ideogram)
+        measure_cfg = replace(config, unfoldable="explicit" if applied == "explicit" else "plain")
     base = config.base if isinstance(config, SmoothQuantConfig) else config
+    explicit = config.groups if isinstance(config, SmoothQuantConfig) else None
+    groups = model_groups(model, mods, explicit=explicit, stats=stats, transformer=transformer, run=probe)
+
+    def outputs() -> list[torch.Tensor]:
+        return _outputs(model, probes, dtype) if probe is None else _probe_outputs(model, probe, token_mask)
+
     smooth: dict[str, tuple[str, torch.Tensor | None]] = {}
-    for g in smooth_groups(mods):
+    for g in groups:
         if not wanted & set(g.linears):
             continue
         d = decide_group(g, lambda n: float_weight(mods[n]), stats, transformer, measure_cfg, set())
         label = "none" if d.s is None else f"{d.mode} alpha={d.choice.alpha:g}"
         for n in g.linears:
             smooth[n] = (label, d.s)
-    refs = _outputs(model, probes, dtype)
+    refs = outputs()
     rows = []
     for name in tqdm([n for n in mods if n in wanted], desc=f"fragility {transformer}", disable=not progress):
         m = mods[name]
@@ -129,7 +191,7 @@ def measure_fragility(
         q = Int8Linear.from_float(w, b, s, base.kernel).to(w.device)
         old = _swap(model, name, q)
         try:
-            err = _relative_error(_outputs(model, probes, dtype), refs)
+            err = _relative_error(outputs(), refs)
         finally:
             _swap(model, name, old)
         st = stats.get(transformer, name)
