@@ -108,6 +108,76 @@ def test_hand_built_smoothquant_folds_into_the_layernorm_bias():
     assert float((y - r).norm() / r.norm()) < 0.05
 
 
+def test_hand_built_prepare_and_convert_trace_the_groups_on_the_first_call():
+    ref = block()
+    model = quantize_(copy.deepcopy(ref), SmoothQuantConfig(step="prepare"))
+    with torch.no_grad():
+        for i in range(4):
+            model(inputs(i))
+    quantize_(model, SmoothQuantConfig(alpha=0.5))
+    groups = quantization_record(model).details["groups"]
+    assert {n: g["fold"] for n, g in groups.items()} == {
+        "v+gate": "norm:ln",
+        "out": "rows:v",
+        "tail": None,
+        "proj": None,
+    }
+    assert isinstance(model.v, Int8Linear) and model.v.smoothing is None  # folded: nothing left to apply
+    assert model.proj.smoothing is not None  # post-norm: smoothing fused into its activation quantization
+    with torch.no_grad():
+        y, r = model(inputs(9)), ref(inputs(9))
+    assert float((y - r).norm() / r.norm()) < 0.05
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=96,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def test_pre_norm_llama_blocks_get_the_smoothquant_groups():
+    """A pre-norm block (random Llama weights): every group folds, as SmoothQuant's paper folds Llama."""
+    model = llama()
+    ids = torch.randint(0, 96, (3, 10), generator=torch.Generator().manual_seed(0))
+    trace = trace_groups(model, lambda m: m(input_ids=ids, use_cache=False))
+    want = [("lm_head", ("lm_head",), ("norm", "model.norm"))]
+    for i in (1, 0):
+        b = f"model.layers.{i}"
+        want[:0] = [
+            (
+                f"{b}.self_attn.q_proj+k_proj+v_proj",
+                tuple(f"{b}.self_attn.{p}_proj" for p in "qkv"),
+                ("norm", f"{b}.input_layernorm"),
+            ),
+            (f"{b}.self_attn.o_proj", (f"{b}.self_attn.o_proj",), ("rows", f"{b}.self_attn.v_proj")),
+            (
+                f"{b}.mlp.gate_proj+up_proj",
+                (f"{b}.mlp.gate_proj", f"{b}.mlp.up_proj"),
+                ("norm", f"{b}.post_attention_layernorm"),
+            ),
+            (f"{b}.mlp.down_proj", (f"{b}.mlp.down_proj",), ("rows", f"{b}.mlp.up_proj")),
+        ]
+    assert [(g.name, g.linears, g.fold) for g in trace.groups] == want and not trace.refused
+    stats = calibrate_model(model, lambda m: m(input_ids=ids, use_cache=False))
+    q = quantize_(copy.deepcopy(model), SmoothQuantConfig(alpha=0.5), stats=stats)
+    record = quantization_record(q)
+    assert len(record.quantized) == 15 and not record.kept_float
+    assert {g["mode"] for g in record.details["groups"].values()} == {"folded"}
+    with torch.no_grad():
+        y, r = q(input_ids=ids).logits, model(input_ids=ids).logits
+    assert float((y - r).norm() / r.norm()) < 0.05
+
+
 # -- all-MiniLM-L6-v2
 
 
@@ -130,6 +200,21 @@ def minilm(real_model):
 def minilm_default(real_model, minilm):
     q = quantize_(real_model.load(), SmoothQuantConfig(), stats=minilm["stats"])
     return q, quantization_record(q)
+
+
+def test_minilm_calibration_reads_arguments_by_name_and_leaves_padding_out(real_model, minilm):
+    """A positional call (BERT's second argument is the attention mask, not a timestep) records only real tokens."""
+    batch = real_model.batch(real_model.held_out[:6])
+    mask = batch["attention_mask"]
+    assert not bool(mask.all())
+    stats = calibrate_model(minilm["base"], lambda m: m(batch["input_ids"], mask), find_groups=False)
+    query = stats.get("model", "encoder.layer.0.attention.self.query")
+    assert int(query.count.sum()) == int(mask.sum()) and int(query.count[0]) == int(mask.sum())
+    assert int(stats.get("model", "pooler.dense").count.sum()) == 6  # one row per sentence
+    assert (
+        stats.leader("model", "encoder.layer.0.attention.self.value")
+        == "encoder.layer.0.attention.self.query"
+    )
 
 
 def test_minilm_default_smoothquant_quantizes_every_linear(minilm, minilm_default):
