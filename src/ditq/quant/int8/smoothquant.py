@@ -12,18 +12,23 @@ Other Linears (input_proj, final_layer.linear, the one-token conditioning layers
 smoothing is either applied as an explicit per-channel scale fused into activation quantization (in memory), or
 the layer is kept in bf16 (on disk), or left unsmoothed; `SmoothQuantConfig.unfoldable` picks.
 
-α is chosen per group by a grid search that minimizes the group's W8A8 output error on the calibration sample
-tokens (mean over the group's Linears of ||Y_q - Y||² / ||Y||²); "no smoothing" (s = 1) is a candidate too, so
-the search never does worse than plain W8A8 on those tokens. A global α skips the search.
+α is chosen per group by a grid search on the calibration sample tokens. The objective, per Linear of the group
+(averaged over them), is the relative W8A8 output error plus the relative error of the output summed over the
+tokens: the coherent part of the error (mostly the weight's rounding), which attention, pooling and the residual
+stream do not average away. α = 0.5 and "no smoothing" (s = 1) are always candidates, so the search is never worse
+on that objective than either; ties (within float rounding) go by a fixed order, so the choice does not depend on
+the thread count. A global α skips the search.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from ditq.errors import CheckpointError
@@ -121,13 +126,20 @@ def _blocks(n_rows: int, k: int) -> list[slice]:
 
 
 def w8a8_relative_error(weight: Weight, x: torch.Tensor, s: torch.Tensor | None = None) -> float:
-    """||Q(x/s) Q(W·s)^T - x W^T||² / ||x W^T||² for fp32 x [T, K], W [N, K], over all rows."""
+    """The alpha search's objective for one weight W [N, K] on fp32 tokens x [T, K], over all rows (see
+    `_group_errors`): with E = Q(x/s) Q(W·s)^T - x W^T and Y = x W^T,
+
+        ||E||² / ||Y||²  +  ||Σ_t E_t||² / ||Σ_t Y_t||²
+
+    the per-token error plus the error of the token sum (the coherent part of the error, which averaging over
+    tokens does not shrink)."""
     return _group_errors([weight], x, {"s": s}, search_rows=None)["s"]
 
 
 @dataclass
 class AlphaChoice:
-    """The smoothing chosen for one group: `alpha` None means no smoothing (s = 1)."""
+    """The smoothing chosen for one group: `alpha` None means no smoothing (s = 1). `errors` holds the objective
+    of every candidate ("none" and f"{alpha:g}"), `error` the chosen one's and `plain_error` that of "none"."""
 
     alpha: float | None
     s: torch.Tensor | None
@@ -146,6 +158,12 @@ def column_absmax(weights: Sequence[Weight]) -> torch.Tensor:
     return out
 
 
+ANCHOR_ALPHA = 0.5  # SmoothQuant's default migration strength: always a candidate of the search
+TIE_RTOL = (
+    1e-9  # objectives this close are a tie (reduction-order rounding is ~1e-15); ties go by `_preference`
+)
+
+
 def search_alpha(
     weights: Sequence[Weight],
     stats: ModuleStats,
@@ -157,8 +175,13 @@ def search_alpha(
 ) -> AlphaChoice:
     """Pick α for a group of weights [N_i, K] sharing one input, from its calibration statistics.
 
-    s uses the column maxima of the whole weights; the error of each candidate is measured on the sample tokens
-    and on up to `search_rows` evenly spaced output rows of each weight (None: all rows).
+    s uses the column maxima of the whole weights; each candidate's objective (`w8a8_relative_error`, averaged
+    over the group's weights) is measured on the sample tokens and on up to `search_rows` evenly spaced output
+    rows of each weight (None: all rows). A search (`alpha` None) always has ANCHOR_ALPHA and "no smoothing"
+    among its candidates besides `grid`, so it is never worse on the objective than either. The choice is a pure
+    function of the weights, the statistics and the arguments: objectives within TIE_RTOL are a tie, broken by a
+    fixed order (no smoothing, then the anchor, then the alpha nearest it, then the smaller), so neither the thread
+    count nor the order of float reductions can flip it.
     """
     k = weights[0].shape[1]
     if stats.in_features != k:
@@ -172,15 +195,29 @@ def search_alpha(
         return AlphaChoice(None, None, 0.0, 0.0, {"none": 0.0})
 
     w_abs = column_absmax(weights)
+    values = [float(alpha)] if alpha is not None else sorted({float(a) for a in grid} | {ANCHOR_ALPHA})
     candidates: dict[str, torch.Tensor | None] = {"none": None}
-    for a in [alpha] if alpha is not None else list(grid):
+    for a in values:
         candidates[f"{a:g}"] = smoothing_vector(act, w_abs, a)
     errors = _group_errors(weights, x, candidates, search_rows)
-    alphas = [c for c in candidates if c != "none"]
-    best = min(alphas, key=lambda c: errors[c])
-    if alpha is None and allow_none and errors["none"] <= errors[best]:
+    if alpha is not None:
+        key = f"{float(alpha):g}"
+        return AlphaChoice(float(alpha), candidates[key], errors[key], errors["none"], errors)
+    pool = [c for c in candidates if allow_none or c != "none"]
+    best = min(errors[c] for c in pool)
+    tied = [c for c in pool if errors[c] <= best + TIE_RTOL * abs(best)]
+    pick = min(tied, key=_preference)
+    if pick == "none":
         return AlphaChoice(None, None, errors["none"], errors["none"], errors)
-    return AlphaChoice(float(best), candidates[best], errors[best], errors["none"], errors)
+    return AlphaChoice(float(pick), candidates[pick], errors[pick], errors["none"], errors)
+
+
+def _preference(candidate: str) -> tuple[int, float, float]:
+    """Sort key among tied candidates: no smoothing first, then alphas by distance to ANCHOR_ALPHA, smaller first."""
+    if candidate == "none":
+        return (0, 0.0, 0.0)
+    a = float(candidate)
+    return (1, abs(a - ANCHOR_ALPHA), a)
 
 
 def _group_errors(
@@ -189,7 +226,16 @@ def _group_errors(
     candidates: dict[str, torch.Tensor | None],
     search_rows: int | None,
 ) -> dict[str, float]:
-    """Mean over weights of the relative W8A8 output error, for every candidate smoothing vector."""
+    """Mean over weights of the objective (`w8a8_relative_error`) of every candidate smoothing vector.
+
+    Per weight and candidate, with E = Y_q - Y on the T sample tokens: ||E||² / ||Y||² + ||Σ_t E_t||² / ||Σ_t Y_t||².
+    The first term is the per-token error; the second is the coherent part of it, which is mostly the weight's
+    rounding (one fixed ΔW for every token) and survives everything that averages over tokens (attention's
+    weighted sums, pooling, the residual stream over layers and steps), while per-token activation rounding
+    averages out. Without it the search trades activation error for weight error too eagerly (α 0.9-1.0 on
+    post-GELU inputs). Sums are taken in float64 with numpy's single-threaded pairwise reduction, so they do not
+    depend on the thread count.
+    """
     xq = {c: quantize_per_token(x, None if s is None else 1.0 / s) for c, s in candidates.items()}
     xd = x.double()
     total = dict.fromkeys(candidates, 0.0)
@@ -198,19 +244,28 @@ def _group_errors(
         index = None
         if search_rows is not None and n > search_rows:
             index = torch.linspace(0, n - 1, search_rows).round().long().unique()
-        num = dict.fromkeys(candidates, 0.0)
-        den = 0.0
+        sq = {c: [] for c in candidates}
+        col = {c: [] for c in candidates}
+        ref_sq, ref_col = [], []
         for block in _blocks(n if index is None else index.numel(), k):
             w = _rows(weight, block if index is None else index[block])
-            ref = xd @ w.double().t()
-            den += float((ref**2).sum())
+            ref = (xd @ w.double().t()).numpy()
+            ref_sq.append(np.square(ref).sum())
+            ref_col.append(ref.sum(axis=0))
             for c, s in candidates.items():
                 wq, ws = quantize_weight_per_channel(w, s)
                 q, qs = xq[c]
                 y = int8_matmul(q, wq.t()).double() * qs.double()[:, None] * ws.double()[None, :]
-                num[c] += float(((y - ref) ** 2).sum())
+                e = y.numpy() - ref
+                sq[c].append(np.square(e).sum())
+                col[c].append(e.sum(axis=0))
+        den = math.fsum(ref_sq)
+        den_sum = float(np.square(np.concatenate(ref_col)).sum())
         for c in candidates:
-            total[c] += num[c] / den if den > 0 else 0.0
+            if den > 0:
+                total[c] += math.fsum(sq[c]) / den
+            if den_sum > 0:
+                total[c] += float(np.square(np.concatenate(col[c])).sum()) / den_sum
     return {c: v / len(weights) for c, v in total.items()}
 
 
