@@ -73,11 +73,12 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def is_ideogram(model: nn.Module, linear_names: Iterable[str] | None = None) -> bool:
-    """True for an Ideogram 4 transformer: its class, or Linear names the Ideogram 4 rule folds."""
+    """True for an Ideogram 4 transformer: its class, or its text projection `llm_cond_proj` beside block Linears
+    the Ideogram 4 rule folds (other DiTs share the block names, not the whole set)."""
     if type(model).__name__.startswith("Ideogram4"):
         return True
     names = list(linear_names) if linear_names is not None else _linear_names(model)
-    return any(g.fold is not None for g in smooth_groups(names))
+    return "llm_cond_proj" in names and any(g.fold and g.fold[0] == "rows" for g in smooth_groups(names))
 
 
 @dataclass
