@@ -129,6 +129,18 @@ def test_hand_built_prepare_and_convert_trace_the_groups_on_the_first_call():
     assert float((y - r).norm() / r.norm()) < 0.05
 
 
+def test_hand_built_explicit_fold_that_changes_the_model_is_refused():
+    """With the first call at hand (prepare, then convert), an explicit fold is checked like a traced one."""
+    model = quantize_(block(), SmoothQuantConfig(step="prepare"))
+    with torch.no_grad():
+        model(inputs(0))
+    bad = SmoothQuantConfig(alpha=0.5, groups=[{"name": "p", "linears": ["proj"], "fold": "norm:ln2"}])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="group 'p' cannot fold into norm:ln2"):
+        quantize_(model, bad)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ditq.errors import ConfigError
 from ditq.quant.int8.groupspec import (
     check_groups,
     group_name,
@@ -47,6 +48,7 @@ Run = Callable[[nn.Module], Any]
 __all__ = [
     "GroupTrace",
     "apply_fold_",
+    "check_folds",
     "check_groups",
     "discover_groups",
     "fold_change",
@@ -209,6 +211,21 @@ def apply_fold_(model: nn.Module, linears: Sequence[str], fold: tuple[str, str],
             w.copy_((w.double() * s.double()[None, :]).to(w.dtype))
 
 
+def check_folds(model: nn.Module, run: Run, groups: Iterable[SmoothGroup], where: str) -> None:
+    """Refuse (ConfigError naming the group) a fold that changes what `run(model)` computes."""
+    ref = _reference(model, run)
+    rng = torch.Generator().manual_seed(0)
+    for g in groups:
+        if g.fold is None:
+            continue
+        err = fold_change(model, run, g.linears, g.fold, ref, rng)
+        if err > FOLD_TOLERANCE.get(_dtype(model), 1e-4):
+            raise ConfigError(
+                f"{where}: group {g.name!r} cannot fold into {':'.join(g.fold)}: a smoothing vector folded there "
+                f"moves the model's output by {err:.2g} (relative); give it no fold"
+            )
+
+
 def fold_change(
     model: nn.Module,
     run: Run,
@@ -304,7 +321,10 @@ def model_groups(
     follow); the groups in `stats` for `transformer` (from `calibrate_model`); groups traced with `run`; the shared
     inputs calibration recorded (no folds)."""
     if explicit:
-        return check_groups(explicit, model, linears, "SmoothQuantConfig.groups")
+        groups = check_groups(explicit, model, linears, "SmoothQuantConfig.groups")
+        if run is not None:
+            check_folds(model, run, groups, "SmoothQuantConfig.groups")
+        return groups
     if is_ideogram(model, linears):
         return smooth_groups(linears)
     stored = None if stats is None else getattr(stats, "groups", {}).get(transformer)
