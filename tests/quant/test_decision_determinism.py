@@ -73,6 +73,7 @@ def decisions(folder, stats, threads: int, tmp_path):
         torch.set_num_threads(old)
 
 
+@pytest.mark.slow  # ~35 s on 2 cores: a calibration, then four in-memory and four streamed conversions
 def test_decisions_do_not_depend_on_threads_order_or_path(tiny_fp8_dir, stats, tmp_path):
     one = decisions(tiny_fp8_dir, stats, 1, tmp_path / "a")
     two = decisions(tiny_fp8_dir, shuffled(stats), 2, tmp_path / "b")
