@@ -111,7 +111,8 @@ def test_folded_file_equals_in_memory_quantization(built):
                     m.weight_scale, other.weight_scale
                 )
                 n += 1
-        assert n == 15
+        on_disk = [x for x in disk.modules() if isinstance(x, Int8Linear) and not isinstance(x, FusedInt8Linear)]
+        assert n == len(on_disk) >= 15  # every INT8 layer of the file matched one of memory, and none missing
         for key, value in mem.state_dict().items():  # folded norm weights, protected bf16 layers, biases
             if value.is_floating_point():
                 assert torch.equal(value, disk.state_dict()[key]), key
