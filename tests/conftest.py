@@ -25,6 +25,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _no_global_dtype_left_behind():
+    """A test (or the library code it runs) that leaves torch's default dtype changed fails here, instead of the
+    unrelated tests after it failing on bf16 tensors they never asked for."""
+    yield
+    dtype = torch.get_default_dtype()
+    if dtype != torch.float32:
+        torch.set_default_dtype(torch.float32)
+        pytest.fail(f"torch's default dtype was left at {dtype}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _ditq_cache(tmp_path_factory):
     """A private ditq cache for the session (the tiny model folder is written there once)."""

@@ -88,7 +88,7 @@ def test_bench_tiny_end_to_end(tiny_fp8_dir, tmp_path, capsys):
     manifest = (out / "run" / "manifest.jsonl").read_text().splitlines()
     assert len(manifest) == 4 * 2 * 2  # variants x prompts x caption modes
     for name in ("int8", "q4_k", "nf4"):
-        assert json.loads((out / "variants" / name / "ditq.json").read_text())["variant"] == name
+        assert json.loads((tmp_path / "variants" / name / "ditq.json").read_text())["variant"] == name
     # a second bench over the same folder does no work again
     capsys.readouterr()
     assert main(args) == 0

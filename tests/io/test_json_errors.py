@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from ditq.cli import main
 from ditq.errors import CheckpointError, DitqError
@@ -211,6 +212,7 @@ def test_a_config_the_library_refuses_names_the_component_folder(model, name, fi
     message = str(err.value)
     assert message.startswith(f"{model / folder}: cannot load ") and library in message
     assert "\n" not in message
+    assert torch.get_default_dtype() == torch.float32  # a build that failed midway leaves no global dtype behind
 
 
 def test_cli_inspect_and_generate_exit_2_with_one_line(model, tiny_fp8_dir, tmp_path, capsys):

@@ -79,13 +79,16 @@ def check_input_folder(path: str | Path, flag: str) -> None:
 
 
 def check_lora(text: str) -> None:
-    """`PATH[:STRENGTH]`: the path part names an existing regular file."""
-    path = text
-    if not Path(text).exists():
-        head, sep, tail = text.rpartition(":")
-        if sep and head and _is_number(tail):
-            path = head
-    check_input_file(path, "--lora")
+    """`PATH[:STRENGTH]`: the path part names an existing regular file (a bad STRENGTH is the LoRA parser's to
+    report, with the file it belongs to)."""
+    if Path(text).exists():
+        check_input_file(text, "--lora")
+        return
+    head, sep, tail = text.rpartition(":")
+    if sep and head and (_is_number(tail) or Path(head).exists()):
+        check_input_file(head, "--lora")
+        return
+    raise ConfigError(f"--lora {text}: no such LoRA file (expected PATH or PATH:STRENGTH)")
 
 
 def folder_kind(path: Path) -> str | None:

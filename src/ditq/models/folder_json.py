@@ -94,14 +94,20 @@ def library_errors(folder: Path, what: str, also: tuple[type[BaseException], ...
     becomes a CheckpointError naming the folder, what was being loaded, and the library's first line. `also` adds
     exception types one library raises (the tokenizers library raises a plain `Exception` on a tokenizer.json of
     the wrong shape); keep the block to the library call alone."""
+    import torch
     from huggingface_hub.errors import StrictDataclassError
 
+    default_dtype = torch.get_default_dtype()
     try:
         yield
     except (*LIBRARY_ERRORS, StrictDataclassError, *also) as exc:
         if isinstance(exc, DitqError):
             raise
         raise CheckpointError(f"{folder}: cannot load {what}: {first_line(exc)}") from None
+    finally:
+        # transformers sets torch's default dtype while it builds a model in `torch_dtype`; a build that fails
+        # midway leaves it set, and every float tensor made later in the process would be bf16.
+        torch.set_default_dtype(default_dtype)
 
 
 def first_line(exc: BaseException) -> str:
