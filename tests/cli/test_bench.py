@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from ditq.cli import main
 
 SECTIONS = (
@@ -22,6 +24,7 @@ SECTIONS = (
 )
 
 
+@pytest.mark.slow
 def test_bench_tiny_end_to_end(tiny_fp8_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     args = [

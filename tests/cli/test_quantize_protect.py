@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from ditq.cli import main
 
 
@@ -12,6 +14,7 @@ def _kept(folder):
     return {tr: {m for m, why in s["kept_bf16"].items() if why == "protected"} for tr, s in summary.items()}
 
 
+@pytest.mark.slow
 def test_protect_budget_measures_fragility_when_no_table(tiny_fp8_dir, tmp_path):
     stats = tmp_path / "stats.safetensors"
     assert main(["calibrate", str(tiny_fp8_dir), "--samples", "1", "-o", str(stats)]) == 0

@@ -28,6 +28,7 @@ def expander(tiny_pipeline):
     return EXPANDERS.get("ideogram4")(pipeline=tiny_pipeline, **BOUNDS)
 
 
+@pytest.mark.slow
 def test_ideogram4_twenty_random_weight_samples_are_all_valid(expander, cpu_inference_settings):
     start = time.perf_counter()
     captions = expander.sample(RECORD, 20)

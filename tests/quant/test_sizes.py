@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from ditq.cli import main
 from ditq.quant.inspect import inspect_model
 
@@ -53,6 +55,7 @@ def test_inspect_folder_reports_files_next_to_prediction(tiny_fp8_dir, capsys):
     assert report["format"] == "fp8"
 
 
+@pytest.mark.slow
 def test_inspect_predicts_protected_and_mixed_variants_exactly(tiny_fp8_dir, tmp_path):
     """The size rule the writers use: a SmoothQuant INT8 variant with fragile layers protected by a byte budget, and
     a per-branch mix (INT8 conditional, Q4_K unconditional), predicted to the byte of every tensor written (the

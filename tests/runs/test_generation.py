@@ -94,6 +94,7 @@ def test_refuses_to_mix_settings(tiny_fp8_dir, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one_process(tiny_fp8_dir, tmp_path):
     pytest.importorskip("torch.distributed")
     common = [
