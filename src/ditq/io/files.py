@@ -40,8 +40,8 @@ def naming(path: str | os.PathLike) -> Iterator[None]:
         raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from exc
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `path` through a temporary file of a unique name in the same folder, then rename it into place: a
+def write_atomic(path: str | os.PathLike, write, newline: str | None = None) -> None:
+    """Call `write(file)` on a text file of a unique temporary name beside `path`, then rename it into place: a
     reader sees the old content or the new one, never a torn file, and concurrent writers never share a temporary.
     A path that is not a regular file (`/dev/stdout`, a FIFO) is written directly."""
     import tempfile
@@ -49,19 +49,24 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     with naming(path):
         if path.exists() and not path.is_file():
-            with path.open("w", encoding="utf-8") as f:
-                f.write(text)
+            with path.open("w", encoding="utf-8", newline=newline) as f:
+                write(f)
             return
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
+            with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
+                write(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """`text` written with `write_atomic`."""
+    write_atomic(path, lambda f: f.write(text))
 
 
 def write_json_atomic(path: str | os.PathLike, obj: object) -> None:

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ditq.errors import DitqError
+from ditq.io.files import write_atomic
 from ditq.io.jsonfile import read_json, read_jsonl
 
 SCORE_COLUMNS = ("variant", "prompt_id", "seed", "caption_mode", "category", "metric", "value")
@@ -213,20 +212,6 @@ def _write_csv(f, rows: list[dict[str, str]]) -> None:
     writer = csv.DictWriter(f, fieldnames=SCORE_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-
-
-def write_atomic(path: Path, write, newline: str | None = None) -> None:
-    """Call `write(file)` on a temporary file beside `path`, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json_atomic(path: Path, data: object) -> None:
